@@ -1,0 +1,81 @@
+"""Closed-form TrigFlow quantities for Gaussian (mixture) data, the exact references of the objective tests.
+
+Data x0 ~ sum_k pi_k N(mu_k, diag(s_k^2)) in model space, z ~ N(0, sigma_d^2 I) (DESIGN.md section 2):
+    C_k(t)  = cos^2 t s_k^2 + sin^2 t sigma_d^2                        (per-dimension marginal variance)
+    v_k     = -sin t mu_k + sin t cos t (sigma_d^2 - s_k^2) / C_k (x - cos t mu_k)      (PF-ODE velocity)
+    v       = sum_k P(k | x_t) v_k                                      (mixture velocity)
+    f*(x,t) = mu + s / sqrt(C(t)) (x - cos t mu)                        (flow map to t = 0, one component)
+"""
+
+import math
+
+import torch
+
+
+class GaussianMixture:
+    def __init__(self, mu, s, weights=None, sigma_d=0.5):
+        self.mu = torch.as_tensor(mu, dtype=torch.float64).reshape(-1, len(mu[0]) if hasattr(mu[0], "__len__") else len(mu))
+        self.s = torch.as_tensor(s, dtype=torch.float64).reshape(self.mu.shape)
+        K = self.mu.shape[0]
+        self.weights = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.sigma_d = sigma_d
+
+    def sample(self, n, generator=None):
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        return self.mu[k] + self.s[k] * torch.randn(n, self.mu.shape[1], generator=generator, dtype=torch.float64)
+
+    def _C(self, t):
+        t = t[:, None, None]  # (B, 1, 1) against (K, D)
+        return torch.cos(t) ** 2 * self.s ** 2 + torch.sin(t) ** 2 * self.sigma_d ** 2  # (B, K, D)
+
+    def velocity(self, x, t):
+        """PF-ODE velocity v(x, t), x: (B, D), t: (B,)."""
+        C = self._C(t)
+        tt = t[:, None, None]
+        diff = x[:, None, :] - torch.cos(tt) * self.mu  # (B, K, D)
+        v_k = -torch.sin(tt) * self.mu + torch.sin(tt) * torch.cos(tt) * (self.sigma_d ** 2 - self.s ** 2) / C * diff
+        log_p = torch.log(self.weights) - 0.5 * (diff ** 2 / C + torch.log(2 * math.pi * C)).sum(-1)  # (B, K)
+        return (torch.softmax(log_p, dim=1)[:, :, None] * v_k).sum(1)
+
+    def flow_map(self, x, t):
+        """f*(x_t, t) in closed form; one component only."""
+        assert self.mu.shape[0] == 1, "closed-form flow map only for a single Gaussian"
+        C = self._C(t)[:, 0]
+        return self.mu[0] + self.s[0] / C.sqrt() * (x - torch.cos(t)[:, None] * self.mu[0])
+
+
+class TeacherNet(torch.nn.Module):
+    """The exact diffusion model: F*(x / sigma_d, t) = v(x, t) / sigma_d."""
+
+    num_classes = 0
+
+    def __init__(self, data: GaussianMixture):
+        super().__init__()
+        self.data = data
+
+    def forward(self, x, t, class_labels=None, guidance=None, return_logvar=False):
+        sd = self.data.sigma_d
+        F = self.data.velocity(x * sd, t) / sd
+        return (F, torch.zeros_like(t)) if return_logvar else F
+
+
+class ConsistencyNet(torch.nn.Module):
+    """The exact consistency model of one Gaussian, F = (cos t x_t - f*(x_t, t)) / (sin t sigma_d), with the
+    Gaussian's mean and log-std as parameters (initialised to the truth) so that loss gradients can be checked."""
+
+    num_classes = 0
+
+    def __init__(self, data: GaussianMixture, mu_shift=0.0):
+        super().__init__()
+        self.sigma_d = data.sigma_d
+        self.mu = torch.nn.Parameter(data.mu[0].clone() + mu_shift)
+        self.log_s = torch.nn.Parameter(data.s[0].log().clone())
+
+    def forward(self, x, t, class_labels=None, guidance=None, return_logvar=False):
+        sd, tt = self.sigma_d, t[:, None]
+        x_t = x * sd
+        s = self.log_s.exp()
+        C = torch.cos(tt) ** 2 * s ** 2 + torch.sin(tt) ** 2 * sd ** 2
+        f = self.mu + s / C.sqrt() * (x_t - torch.cos(tt) * self.mu)
+        F = (torch.cos(tt) * x_t - f) / (torch.sin(tt) * sd)
+        return (F, torch.zeros_like(t)) if return_logvar else F
