@@ -14,8 +14,8 @@ import torch
 
 class GaussianMixture:
     def __init__(self, mu, s, weights=None, sigma_d=0.5):
-        self.mu = torch.as_tensor(mu, dtype=torch.float64).reshape(-1, len(mu[0]) if hasattr(mu[0], "__len__") else len(mu))
-        self.s = torch.as_tensor(s, dtype=torch.float64).reshape(self.mu.shape)
+        self.mu = torch.atleast_2d(torch.as_tensor(mu, dtype=torch.float64))  # (K, D)
+        self.s = torch.atleast_2d(torch.as_tensor(s, dtype=torch.float64))
         K = self.mu.shape[0]
         self.weights = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.sigma_d = sigma_d

@@ -29,6 +29,11 @@ def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
         net = inner
 
 
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32: the target and residual are formed outside autocast's low precision."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _weighted(sq_residual: torch.Tensor, logvar: torch.Tensor | None) -> torch.Tensor:
     """Per-sample loss from a (B, ...) squared residual: exp(w) / D * sum - w, or the mean without weighting."""
     per_sample = sq_residual.flatten(1).mean(dim=1)  # (B,) = ||.||^2 / D
@@ -60,8 +65,8 @@ class DiffusionLoss:
         t, z = _draw(x0, self.sigma_d, self.P_mean, self.P_std, generator, t, z)
         x_t = trigflow.noisy(x0, z, t)
         F, logvar = net(x_t / self.sigma_d, t, class_labels, return_logvar=True)
-        residual = F.float() - trigflow.velocity(x0, z, t).float() / self.sigma_d
-        loss = _weighted(residual.square(), logvar.float() if self.adaptive_weight else None)
+        residual = _full(F) - _full(trigflow.velocity(x0, z, t)) / self.sigma_d
+        loss = _weighted(residual.square(), _full(logvar) if self.adaptive_weight else None)
         return loss, {"loss/mse": residual.detach().square().mean(), "weight/logvar": logvar.detach().float().mean()}
 
 
@@ -137,10 +142,10 @@ class SCMLoss:
 
         F_m, cs_dF_dt = network_jvp(F_minus, (x_t / sd, t), (trigflow.expand(cs, x0) * dxt_dt / sd, cs),
                                     mode=self.jvp, eps=self.fd_eps)
-        F_m, cs_dF_dt, x_t, dxt_dt = F_m.float(), cs_dF_dt.float(), x_t.float(), dxt_dt.float()
-        tt = trigflow.expand(t.float(), x0)
+        F_m, cs_dF_dt, x_t, dxt_dt, t, cs = map(_full, (F_m, cs_dF_dt, x_t, dxt_dt, t, cs))
         r = self.warmup(step)
-        g = -torch.cos(tt).square() * (sd * F_m - dxt_dt) - r * (trigflow.expand(cs.float(), x0) * x_t + sd * cs_dF_dt)
+        g = -trigflow.expand(torch.cos(t).square(), x0) * (sd * F_m - dxt_dt) \
+            - r * (trigflow.expand(cs, x0) * x_t + sd * cs_dF_dt)
         raw = _norm(g, rms=True)
         g = self.normalize(g)
         stats = {"tangent/rms": raw.mean(), "tangent/rms_max": raw.max(), "tangent/warmup": r}
@@ -152,8 +157,8 @@ class SCMLoss:
         # The training forward replays the random state the JVP used (same dropout masks): F_theta == F_theta^-.
         x_t = trigflow.noisy(x0, z, t)
         F, logvar = net(x_t / self.sigma_d, t, class_labels, guidance, return_logvar=True)
-        residual = F.float() - F_m - g
-        loss = _weighted(residual.square(), logvar.float() if self.adaptive_weight else None)
+        residual = _full(F) - F_m - g
+        loss = _weighted(residual.square(), _full(logvar) if self.adaptive_weight else None)
         stats["weight/logvar"] = logvar.detach().float().mean()
         return loss, stats
 
