@@ -1,0 +1,339 @@
+"""The run configuration: one dataclass per component, composed into `Config`, validated on construction.
+
+A config comes from a YAML file plus `section.key=value` overrides (values parsed as YAML scalars), and is written
+back as YAML, the resolved form that every checkpoint stores. Errors name the field and say how to fix it, and they
+fire before any data, network or cluster resource is touched.
+
+Importable with torch alone: `yaml` is imported only by the functions that read or write YAML, so the benchmark
+(which builds a `ModelConfig`) runs on machines that have nothing but torch.
+"""
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+
+ARCHS = ("mlp", "unet")
+TIME_EMBEDDINGS = ("positional", "fourier_logsigma")
+KINDS = ("diffusion", "sct", "scd")
+TANGENT_NORMS = ("l2", "rms", "clip", "none")
+JVP_MODES = ("autograd", "fd")
+OPTIMIZERS = ("adam", "radam")
+SCHEDULES = ("constant", "inv_sqrt")
+EMA_PROFILES = ("halflife", "power")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, malformed or inconsistent; the message names the field."""
+
+
+def _one_of(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Training shards: a local directory holding manifest.json and *.tar, or a URL with a brace pattern
+    (`s3://bucket/prefix/name-{000000..000099}.tar`). Required; make shards with `scmlab prepare`."""
+    num_workers: int = 0
+    """DataLoader worker processes per training process (0 = load in the training process)."""
+
+    def __post_init__(self):
+        _check(bool(self.train), "data.train is required: set it to the shard directory or URL written by "
+                                 "`scmlab prepare` (e.g. data.train=shards/digits)")
+        _check(self.num_workers >= 0, f"data.num_workers: must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = ""
+    """Network family: `mlp` (vectors) or `unet` (images). Required."""
+    size: str = ""
+    """Preset name within the family (see scmlab.nets; e.g. `ci`, `small`, `cifar10`, `S`..`XXL`). Required."""
+    dropout: float | None = None
+    """Dropout probability; null keeps the preset's default. The paper uses 0.2 for sCT on CIFAR-10."""
+    time_embedding: str = "positional"
+    """`positional`: c_noise(t) = t through sinusoidal features (the paper's); `fourier_logsigma`: EDM's
+    c_noise = log(sigma_d tan t) / 4 with Fourier scale 16 (an ablation: dF/dt blows up near pi/2)."""
+    time_max_freq: float = 4.0
+    """Largest angular frequency (rad per unit t) of the positional time embedding (DESIGN section 2)."""
+    double_norm: bool = True
+    """Adaptive double normalization: norm(x) * pnorm(s(t)) + pnorm(b(t)) instead of AdaGN."""
+    label_dropout: float = 0.1
+    """Probability of replacing the class label by the null label in training (for classifier-free guidance)."""
+    guidance_input: bool = False
+    """Condition the network on the guidance scale (sCD students distilled from a guided teacher)."""
+
+    def __post_init__(self):
+        _check(bool(self.arch), f"model.arch is required: one of {', '.join(ARCHS)}")
+        _one_of("model.arch", self.arch, ARCHS)
+        _check(bool(self.size), "model.size is required: a preset name of the architecture (see scmlab.nets)")
+        _check(self.dropout is None or 0 <= self.dropout < 1,
+               f"model.dropout: must be in [0, 1) or null for the preset's default, got {self.dropout}")
+        _one_of("model.time_embedding", self.time_embedding, TIME_EMBEDDINGS)
+        _check(self.time_max_freq > 0, f"model.time_max_freq: must be > 0, got {self.time_max_freq}")
+        _check(0 <= self.label_dropout < 1, f"model.label_dropout: must be in [0, 1), got {self.label_dropout}")
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "sct"
+    """`diffusion` (TrigFlow teacher), `sct` (consistency training) or `scd` (consistency distillation)."""
+    teacher: str | None = None
+    """Checkpoint of a diffusion model: required for scd (frozen teacher and initialization); for sct an optional
+    initialization (the student starts from the teacher's EMA weights)."""
+    sigma_d: float = 0.5
+    """Data standard deviation in model space (0.5 for images in [-1, 1] and for normalized vectors)."""
+    P_mean: float = -1.0
+    """Mean of the log-normal proposal: tau ~ N(P_mean, P_std^2), t = arctan(exp(tau) / sigma_d)."""
+    P_std: float = 1.4
+    """Standard deviation of the log-normal proposal."""
+    tangent_norm: str = "l2"
+    """Tangent normalization g / (||g|| + c): `l2` per sample, `rms` per sample, `clip` to [-1, 1], or `none`."""
+    tangent_c: float = 0.1
+    """The constant c of the tangent normalization."""
+    warmup_steps: int = 10_000
+    """H of the tangent warmup r = min(1, step / H); 0 turns the warmup off."""
+    adaptive_weight: bool = True
+    """Learned adaptive weighting exp(w_phi(t)) / D ||.||^2 - w_phi(t); off = plain mean squared error."""
+    jvp: str = "autograd"
+    """How dF/dt is computed: `autograd` (exact forward-mode AD) or `fd` (central finite differences)."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance scale applied to the sCD teacher's velocity (1 = no guidance)."""
+
+    def __post_init__(self):
+        _one_of("objective.kind", self.kind, KINDS)
+        _check(self.kind != "scd" or bool(self.teacher),
+               "objective.teacher is required for objective.kind=scd: set it to a diffusion checkpoint "
+               "(objective.teacher=runs/teacher/checkpoints/step-000010000.pt)")
+        _check(self.kind != "diffusion" or not self.teacher,
+               "objective.teacher is only used by sct and scd: remove it for objective.kind=diffusion")
+        _check(self.sigma_d > 0, f"objective.sigma_d: must be > 0, got {self.sigma_d}")
+        _check(self.P_std > 0, f"objective.P_std: must be > 0, got {self.P_std}")
+        _one_of("objective.tangent_norm", self.tangent_norm, TANGENT_NORMS)
+        _check(self.tangent_c > 0, f"objective.tangent_c: must be > 0, got {self.tangent_c}")
+        _check(self.warmup_steps >= 0, f"objective.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        _one_of("objective.jvp", self.jvp, JVP_MODES)
+        _check(self.guidance_scale >= 0, f"objective.guidance_scale: must be >= 0, got {self.guidance_scale}")
+        _check(self.guidance_scale == 1.0 or self.kind == "scd",
+               "objective.guidance_scale applies to the sCD teacher only: set objective.kind=scd or leave it at 1")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"
+    """`adam` or `radam` (the paper uses RAdam on CIFAR-10, Adam on ImageNet)."""
+    lr: float = 1e-4
+    """Peak learning rate (the paper's consistency lr is 1e-4)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    """Adam betas (the paper: 0.9, 0.99)."""
+    weight_decay: float = 0.0
+    """L2 weight decay passed to the optimizer."""
+    schedule: str = "constant"
+    """Learning-rate decay: `constant`, or `inv_sqrt`: lr / sqrt(max(step / t_ref, 1)) (EDM2)."""
+    t_ref: int = 0
+    """Steps before the inverse-square-root decay starts (required by inv_sqrt; the paper: 35k on ImageNet 64)."""
+    warmup: int = 0
+    """Linear learning-rate warmup over this many steps (0 = none)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping; the norm is still logged)."""
+
+    def __post_init__(self):
+        _one_of("optim.name", self.name, OPTIMIZERS)
+        _check(self.lr > 0, f"optim.lr: must be > 0, got {self.lr}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"optim.betas: must be two numbers in [0, 1), e.g. [0.9, 0.99]; got {self.betas}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
+        _one_of("optim.schedule", self.schedule, SCHEDULES)
+        _check(self.schedule != "inv_sqrt" or self.t_ref > 0,
+               f"optim.t_ref: must be > 0 with optim.schedule=inv_sqrt, got {self.t_ref} (the paper: 35000)")
+        _check(self.warmup >= 0, f"optim.warmup: must be >= 0, got {self.warmup}")
+        _check(self.grad_clip >= 0, f"optim.grad_clip: must be >= 0 (0 = off), got {self.grad_clip}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for 0-based `step`: linear warmup, then constant or lr / sqrt(max(step / t_ref, 1))."""
+        lr = self.lr
+        if self.schedule == "inv_sqrt":
+            lr /= math.sqrt(max(step / self.t_ref, 1.0))
+        if self.warmup > 0:
+            lr *= min(1.0, (step + 1) / self.warmup)
+        return lr
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps in total (a resumed run continues up to this count)."""
+    batch_size: int = 128
+    """Global batch size (split evenly over the workers)."""
+    seed: int = 0
+    """Seed of everything: initialization, and each step's noise, times, dropout and data from (seed, rank, step)."""
+    ema: str = "halflife"
+    """EMA profile for the sampling weights: `halflife` (EDM) or `power` (EDM2 power function)."""
+    ema_half_life: float = 500_000.0
+    """EMA half-life in training images, for ema=halflife (the paper: 0.5 Mimg on CIFAR-10)."""
+    ema_sigma_rel: float = 0.05
+    """Relative standard deviation of the power-function EMA, for ema=power (the paper: 0.05 on ImageNet)."""
+    log_every: int = 100
+    """Log metrics every this many steps (and at the last step)."""
+    checkpoint_every: int = 1000
+    """Write a checkpoint every this many steps (and at the last step)."""
+    keep_checkpoints: int = 3
+    """Keep this many most recent checkpoints in run.dir/checkpoints (0 = keep all)."""
+    sample_every: int = 0
+    """Write a sample grid PNG (EMA weights, fixed noise) every this many steps (0 = never; always at the end when
+    > 0)."""
+    sample_steps: int = 2
+    """Sampling steps for the grids: consistency steps for sct/scd, PF-ODE steps for diffusion."""
+    max_bad_steps: int = 20
+    """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped, not applied)."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu` or `cuda`."""
+    precision: str = "auto"
+    """`auto` (bf16 autocast on CUDA, fp32 on CPU), `fp32` or `bf16` (autocast)."""
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "sample_steps", "max_bad_steps"):
+            _check(getattr(self, name) >= 1, f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("seed", "keep_checkpoints", "sample_every"):
+            _check(getattr(self, name) >= 0, f"train.{name}: must be >= 0, got {getattr(self, name)}")
+        _one_of("train.ema", self.ema, EMA_PROFILES)
+        _check(self.ema_half_life > 0, f"train.ema_half_life: must be > 0 images, got {self.ema_half_life}")
+        _check(0 < self.ema_sigma_rel < 0.28,
+               f"train.ema_sigma_rel: must be in (0, 0.28), got {self.ema_sigma_rel} (the paper: 0.05)")
+        _one_of("train.device", self.device, DEVICES)
+        _one_of("train.precision", self.precision, PRECISIONS)
+
+
+@dataclass
+class RunConfig:
+    dir: str = ""
+    """Run directory: checkpoints/, samples/ and config.yaml go here; an existing run there is resumed. Required."""
+
+    def __post_init__(self):
+        _check(bool(self.dir), "run.dir is required: a directory for checkpoints and samples (e.g. run.dir=runs/demo)")
+
+
+def net_config(model: ModelConfig, sigma_d: float) -> types.SimpleNamespace:
+    """What `scmlab.nets.build_net` reads: the model section plus sigma_d (objective.sigma_d; the
+    fourier_logsigma time embedding needs it)."""
+    return types.SimpleNamespace(**dataclasses.asdict(model), sigma_d=sigma_d)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "objective": ObjectiveConfig, "optim": OptimConfig,
+            "train": TrainConfig, "run": RunConfig}
+
+
+@dataclass
+class Config:
+    data: DataConfig
+    model: ModelConfig
+    objective: ObjectiveConfig
+    optim: OptimConfig
+    train: TrainConfig
+    run: RunConfig
+
+    def __post_init__(self):
+        _check(not self.model.guidance_input or self.objective.kind == "scd",
+               "model.guidance_input: only sCD students take a guidance input; set objective.kind=scd or turn it off")
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (YAML / JSON / torch.load(weights_only=True) safe)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        """Build and validate from a nested dict; unknown sections or keys are errors that suggest close names."""
+        d = dict(d or {})
+        _reject_unknown(d, SECTIONS, "")
+        sections = {}
+        for name, section_cls in SECTIONS.items():
+            values = d.get(name) or {}
+            _check(isinstance(values, dict), f"{name}: expected a mapping of keys, got {values!r}")
+            fields = {f.name: f for f in dataclasses.fields(section_cls)}
+            _reject_unknown(values, fields, f"{name}.")
+            hints = typing.get_type_hints(section_cls)
+            sections[name] = section_cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()})
+        return cls(**sections)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _reject_unknown(values: dict, known, prefix: str) -> None:
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=3)
+            hint = f"did you mean {', '.join(prefix + c for c in close)}?" if close else \
+                f"known keys: {', '.join(prefix + k for k in known)}"
+            raise ConfigError(f"{prefix}{key}: unknown key; {hint}")
+
+
+def _coerce(name: str, value, hint):
+    """Check `value` against the field's annotation, converting where YAML is loose (1 -> 1.0, '1e-4' -> 1e-4)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        _check(isinstance(value, bool), f"{name}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        _check(isinstance(value, int) and not isinstance(value, bool) or
+               isinstance(value, float) and value.is_integer(), f"{name}: expected an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        try:
+            _check(not isinstance(value, bool), "")
+            return float(value)
+        except (TypeError, ValueError, ConfigError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if hint is str:
+        _check(isinstance(value, str), f"{name}: expected a string, got {value!r}")
+        return value
+    if typing.get_origin(hint) is list:
+        _check(isinstance(value, (list, tuple)), f"{name}: expected a list, got {value!r}")
+        return [_coerce(f"{name}[{i}]", v, typing.get_args(hint)[0]) for i, v in enumerate(value)]
+    raise TypeError(f"{name}: unsupported annotation {hint}")
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` overrides to a nested dict (value parsed as a YAML scalar: 1e-4, true, null, [..])."""
+    import yaml
+
+    d = {k: dict(v or {}) for k, v in (d or {}).items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        _check(bool(sep and dot and section and name),
+               f"override {item!r}: expected section.key=value, e.g. train.steps=100")
+        _reject_unknown({section: None}, SECTIONS, "")
+        _reject_unknown({name: None}, {f.name for f in dataclasses.fields(SECTIONS[section])}, f"{section}.")
+        d.setdefault(section, {})[name] = yaml.safe_load(raw) if raw.strip() else None
+    return d
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config file (optional), apply overrides and validate."""
+    import yaml
+
+    d = {}
+    if path is not None:
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+        _check(isinstance(d, dict), f"{path}: expected a mapping of sections (data, model, ...)")
+    return Config.from_dict(apply_overrides(d, list(overrides)))

@@ -1,0 +1,134 @@
+"""The config: validation messages name the field, overrides parse as YAML, presets and README stay in sync."""
+
+import dataclasses
+import glob
+import math
+import os
+import re
+
+import pytest
+import yaml
+
+from scmlab.config import SECTIONS, Config, ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUIRED = ["data.train=shards/x", "model.arch=mlp", "model.size=tiny", "run.dir=runs/x"]
+
+
+def load(*overrides):
+    return load_config(None, [*REQUIRED, *overrides])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("objective.kind=foo", "objective.kind: 'foo' is not one of diffusion, sct, scd"),
+    ("model.arch=transformer", "model.arch: 'transformer' is not one of mlp, unet"),
+    ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
+    ("optim.lr=0", "optim.lr: must be > 0"),
+    ("train.steps=1.5", "train.steps: expected an integer, got 1.5"),
+    ("objective.tangent_norm=l1", "objective.tangent_norm: 'l1' is not one of l2, rms, clip, none"),
+    ("model.double_norm=maybe", "model.double_norm: expected true or false"),
+    ("optim.betas=[0.9]", "optim.betas: must be two numbers"),
+    ("optim.schedule=inv_sqrt", "optim.t_ref: must be > 0 with optim.schedule=inv_sqrt"),
+    ("train.precision=fp16", "train.precision: 'fp16' is not one of auto, fp32, bf16"),
+])
+def test_bad_value_names_the_field(override, message):
+    with pytest.raises(ConfigError) as e:
+        load(override)
+    assert message in str(e.value)
+
+
+def test_unknown_key_is_named_with_close_matches():
+    with pytest.raises(ConfigError, match=r"train\.stepz: unknown key; did you mean train\.steps\?"):
+        load("train.stepz=3")
+    with pytest.raises(ConfigError, match=r"objectiv: unknown key; did you mean objective\?"):
+        load("objectiv.kind=sct")
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate: unknown key"):
+        Config.from_dict({**load().to_dict(), "optim": {"learning_rate": 1e-3}})
+
+
+def test_missing_required_keys_say_what_to_set():
+    with pytest.raises(ConfigError, match="data.train is required"):
+        load_config(None, REQUIRED[1:])
+    with pytest.raises(ConfigError, match="run.dir is required"):
+        load_config(None, REQUIRED[:3])
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="objective.teacher is required for objective.kind=scd"):
+        load("objective.kind=scd")
+    assert load("objective.kind=scd", "objective.teacher=runs/t").objective.teacher == "runs/t"
+    with pytest.raises(ConfigError, match="objective.teacher is only used by sct and scd"):
+        load("objective.kind=diffusion", "objective.teacher=runs/t")
+    with pytest.raises(ConfigError, match="objective.guidance_scale applies to the sCD teacher only"):
+        load("objective.guidance_scale=2")
+    with pytest.raises(ConfigError, match="model.guidance_input"):
+        load("model.guidance_input=true")
+
+
+def test_overrides_parse_as_yaml_scalars():
+    c = load("optim.lr=1e-4", "train.steps=7", "model.dropout=null", "model.double_norm=false",
+             "optim.betas=[0.8, 0.95]", "objective.P_mean=-0.8", "model.dropout=0.25")
+    assert c.optim.lr == 1e-4 and isinstance(c.optim.lr, float)  # PyYAML reads '1e-4' as a string
+    assert c.train.steps == 7 and c.model.double_norm is False
+    assert c.optim.betas == [0.8, 0.95] and c.objective.P_mean == -0.8
+    assert c.model.dropout == 0.25  # the later override wins
+    assert load("model.dropout=null").model.dropout is None
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load("train.steps")
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load("steps=3")
+
+
+def test_file_then_overrides_and_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {train: a}\nmodel: {arch: unet, size: ci}\nrun: {dir: r}\ntrain: {steps: 5, seed: 3}\n")
+    c = load_config(str(path), ["train.steps=9"])
+    assert (c.train.steps, c.train.seed, c.model.arch) == (9, 3, "unet")
+    assert Config.from_dict(yaml.safe_load(c.to_yaml())) == c
+    assert Config.from_dict(c.to_dict()) == c
+
+
+def test_lr_schedule():
+    c = load("optim.schedule=inv_sqrt", "optim.t_ref=100", "optim.lr=1e-3")
+    assert c.optim.lr_at(0) == c.optim.lr_at(99) == 1e-3
+    assert math.isclose(c.optim.lr_at(400), 1e-3 / 2)
+    w = load("optim.warmup=10", "optim.lr=1e-3").optim
+    assert math.isclose(w.lr_at(0), 1e-4) and w.lr_at(9) == w.lr_at(500) == 1e-3
+
+
+PRESETS = sorted(glob.glob(os.path.join(ROOT, "jobs", "configs", "*.yaml")))
+
+
+def test_presets_exist():
+    names = {os.path.basename(p) for p in PRESETS}
+    assert {"toy-sct.yaml", "digits-diffusion.yaml", "digits-sct.yaml", "fashion-mnist-sct.yaml", "cifar10-sct.yaml",
+            "cifar10-scd.yaml", "imagenet64-sct.yaml", "imagenet64-scd.yaml", "imagenet512-scd.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=os.path.basename)
+def test_every_preset_validates(path):
+    from scmlab.nets import PRESETS as NET_PRESETS
+
+    c = load_config(path)
+    assert c.model.size in NET_PRESETS[c.model.arch]
+
+
+def test_paper_presets_carry_the_paper_settings():
+    cifar = load_config(os.path.join(ROOT, "jobs/configs/cifar10-sct.yaml"))
+    assert (cifar.model.size, cifar.model.dropout, cifar.train.batch_size, cifar.optim.name, cifar.optim.lr) == \
+        ("cifar10", 0.2, 512, "radam", 1e-4)
+    assert (cifar.objective.P_mean, cifar.objective.P_std, cifar.objective.tangent_c,
+            cifar.objective.warmup_steps) == (-1.0, 1.4, 0.1, 10000)
+    for name in ("imagenet64-sct", "imagenet64-scd"):
+        c = load_config(os.path.join(ROOT, f"jobs/configs/{name}.yaml"))
+        assert (c.train.batch_size, c.optim.name, c.optim.schedule, c.optim.t_ref, c.objective.P_std) == \
+            (2048, "adam", "inv_sqrt", 35000, 1.6)
+    c = load_config(os.path.join(ROOT, "jobs/configs/imagenet512-scd.yaml"))
+    assert (c.model.size, c.objective.P_mean, c.objective.P_std, c.objective.kind) == ("XXL", -0.8, 1.6, "scd")
+
+
+def test_readme_documents_every_key():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    documented = set(re.findall(r"^\| `(\w+\.\w+)` \|", readme, flags=re.M))
+    keys = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    assert keys == documented
