@@ -1,0 +1,83 @@
+"""Atomic checkpoints: `run_dir/checkpoints/step-000001000.pt`, each a dict of tensors and plain Python values.
+
+A checkpoint holds {"model", "ema", "optimizer", "step", "bad_steps", "config" (resolved dict), "manifest"}; it is
+written to a temporary file in the same directory, fsynced and renamed into place, so a crash never leaves a
+truncated file under a checkpoint name, and `latest` only ever sees complete files. Loading uses
+torch.load(weights_only=True): no pickled code.
+"""
+
+import logging
+import os
+import re
+import tempfile
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^step-(\d{9})\.pt$")
+
+
+def checkpoint_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def save(run_dir: str, state: dict, keep: int = 0) -> str:
+    """Write `state` as the checkpoint of step state["step"]; keep the `keep` newest (0 = all). Returns the path."""
+    directory = checkpoint_dir(run_dir)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"step-{state['step']:09d}.pt")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".step-", suffix=".pt.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+    if keep > 0:
+        for old in _steps(directory)[:-keep]:
+            os.unlink(os.path.join(directory, f"step-{old:09d}.pt"))
+    log.info("checkpoint %s", path)
+    return path
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make the rename itself durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _steps(directory: str) -> list[int]:
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(m.group(1)) for m in map(_NAME.match, os.listdir(directory)) if m)
+
+
+def latest(run_dir: str) -> str | None:
+    """Path of the newest complete checkpoint in run_dir, or None. Temporary files never match."""
+    steps = _steps(checkpoint_dir(run_dir))
+    return os.path.join(checkpoint_dir(run_dir), f"step-{steps[-1]:09d}.pt") if steps else None
+
+
+def resolve(path: str) -> str:
+    """A checkpoint file, or a run directory standing for its latest checkpoint."""
+    if os.path.isdir(path):
+        found = latest(path)
+        if found is None:
+            raise FileNotFoundError(f"{path}: a directory with no checkpoints/step-*.pt in it")
+        return found
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file or run directory")
+    return path
+
+
+def load(path: str, map_location="cpu") -> dict:
+    """Load a checkpoint file or the latest one of a run directory."""
+    return torch.load(resolve(path), map_location=map_location, weights_only=True)

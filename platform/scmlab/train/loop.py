@@ -1,0 +1,285 @@
+"""The training loop: steps, mixed precision, EMA, NaN guard, checkpoints, sample grids. No framework.
+
+`train(config)` runs one process's share of a run. A launcher (Ray Train, torchrun) passes `rank`, `world_size` and
+a `wrap` (e.g. DistributedDataParallel); nothing here reads global state. Each step reseeds every random draw (data
+order, t, z, dropout, label dropout) from (seed, rank, step), so a run resumed from a checkpoint takes the same steps
+as an uninterrupted one. Metrics are namespaced (loss/, tangent/, weight/, optim/, time/, data/, train/).
+"""
+
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import data, trigflow
+from ..config import Config
+from ..ema import EMA
+from ..objectives import DiffusionLoss, SCMLoss
+from . import checkpoint
+from .samples import build_model, ema_model, generate, save_grid
+
+log = logging.getLogger(__name__)
+
+T_BINS = 4  # loss/bin{i} averages the per-sample loss over t in [i, i + 1) * (pi/2) / T_BINS  (as minRF's lossbin)
+GRID_IMAGES, GRID_VECTORS = 64, 2000
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A 32-bit seed that depends on (seed, rank, step) only: resumed runs redraw exactly what they would have."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device: cuda was asked for but torch sees no CUDA device; use train.device=cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA under `auto`, fp32 (no autocast) on CPU."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def build_objective(config: Config, teacher: torch.nn.Module | None):
+    o = config.objective
+    if o.kind == "diffusion":
+        return DiffusionLoss(sigma_d=o.sigma_d, P_mean=o.P_mean, P_std=o.P_std, adaptive_weight=o.adaptive_weight)
+    return SCMLoss(kind=o.kind, sigma_d=o.sigma_d, P_mean=o.P_mean, P_std=o.P_std, tangent_norm=o.tangent_norm,
+                   tangent_c=o.tangent_c, warmup_steps=o.warmup_steps, adaptive_weight=o.adaptive_weight, jvp=o.jvp,
+                   teacher=teacher if o.kind == "scd" else None, guidance_scale=o.guidance_scale)
+
+
+def build_optimizer(config: Config, params) -> torch.optim.Optimizer:
+    o = config.optim
+    cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[o.name]
+    return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def load_teacher(config: Config, manifest: dict) -> torch.nn.Module:
+    """The EMA network of objective.teacher, frozen; its data must match the student's."""
+    ckpt = checkpoint.load(config.objective.teacher)
+    if ckpt["config"]["objective"]["kind"] != "diffusion":
+        log.warning("objective.teacher %s was trained as %s, not diffusion", config.objective.teacher,
+                    ckpt["config"]["objective"]["kind"])
+    for key in ("shape", "num_classes"):
+        if ckpt["manifest"].get(key) != manifest.get(key):
+            raise ValueError(f"objective.teacher: the teacher's data {key} {ckpt['manifest'].get(key)} differs from "
+                             f"data.train's {manifest.get(key)}")
+    return ema_model(ckpt)
+
+
+def init_from_teacher(net: torch.nn.Module, teacher: torch.nn.Module, path: str) -> None:
+    """Start the student from the teacher's EMA weights (the paper's diffusion fine-tuning). Parameters the teacher
+    lacks (a guidance input) keep their fresh initialization; any other mismatch is an error."""
+    try:
+        missing, unexpected = net.load_state_dict(teacher.state_dict(), strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"objective.teacher: {path} does not fit model.arch/model.size: {e}") from None
+    if unexpected:
+        raise ValueError(f"objective.teacher: {path} has weights the student lacks: {unexpected[:5]}; use the "
+                         f"teacher's model.arch and model.size")
+    if missing:
+        log.warning("initialized from the teacher except %d tensors (kept fresh): %s", len(missing), missing[:5])
+
+
+def train(config: Config, *, rank: int = 0, world_size: int = 1, wrap=None, progress: bool = False) -> dict:
+    """Train to config.train.steps, resuming from the latest checkpoint in run.dir. Returns a summary dict:
+    {"step", "checkpoint" (latest path), "metrics" (last logged), "samples" (last grid or None)}."""
+    cfg, run_dir = config.train, config.run.dir
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.precision, device)
+    if cfg.batch_size % world_size:
+        raise ValueError(f"train.batch_size: {cfg.batch_size} does not split evenly over {world_size} workers")
+    local_batch = cfg.batch_size // world_size
+    manifest = data.read_manifest(config.data.train)
+
+    torch.manual_seed(cfg.seed)  # the same initialization on every rank
+    net = build_model(config, manifest).to(device)
+    resume = checkpoint.latest(run_dir)
+    teacher = None
+    if config.objective.teacher and (config.objective.kind == "scd" or not resume):
+        teacher = load_teacher(config, manifest).to(device)
+        if not resume:
+            init_from_teacher(net, teacher, config.objective.teacher)
+    ema = EMA(net, batch_size=cfg.batch_size, **({"half_life_images": cfg.ema_half_life} if cfg.ema == "halflife"
+                                                  else {"sigma_rel": cfg.ema_sigma_rel}))
+    optimizer = build_optimizer(config, net.parameters())
+    state = {"step": 0, "bad_steps": 0}
+    if resume:
+        ckpt = checkpoint.load(resume, map_location=device)
+        net.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = {"step": ckpt["step"], "bad_steps": ckpt["bad_steps"]}
+        log.info("resumed from %s at step %d", resume, state["step"])
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(config.to_yaml())
+        log.info("%s %s/%s: %.2fM parameters, data %s %s, %d classes, device %s, autocast %s", config.objective.kind,
+                 config.model.arch, config.model.size, sum(p.numel() for p in net.parameters()) / 1e6,
+                 manifest["kind"], manifest["shape"], manifest.get("num_classes", 0), device, amp)
+
+    objective = build_objective(config, teacher)
+    model = wrap(net) if wrap is not None else net
+    loader = data.make_loader(config.data.train, batch_size=local_batch, seed=cfg.seed, rank=rank,
+                              world_size=world_size, num_workers=config.data.num_workers, start_step=state["step"])
+    guidance = None
+    if config.model.guidance_input:
+        guidance = torch.full((local_batch,), config.objective.guidance_scale, device=device)
+
+    def save() -> str:
+        return checkpoint.save(run_dir, {
+            "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "step": state["step"], "bad_steps": state["bad_steps"], "config": config.to_dict(), "manifest": manifest,
+        }, keep=cfg.keep_checkpoints)
+
+    summary = {"step": state["step"], "checkpoint": resume, "metrics": {}, "samples": None}
+    window = _Window()
+    consecutive_bad = 0
+    net.train()
+    bar = tqdm(total=cfg.steps, initial=state["step"], disable=not progress or rank != 0, unit="step",
+               dynamic_ncols=True)
+    t_start = time.perf_counter()
+    while state["step"] < cfg.steps:
+        step = state["step"]
+        t0 = time.perf_counter()
+        x0, labels = next(loader)
+        x0 = x0.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True) if labels is not None else None
+        t_data = time.perf_counter() - t0
+
+        seed = step_seed(cfg.seed, rank, step)
+        torch.manual_seed(seed)  # dropout and label dropout draw from the global generator
+        generator = torch.Generator(device=device).manual_seed(seed)
+        t = trigflow.sample_t(x0.shape[0], config.objective.P_mean, config.objective.P_std,
+                              config.objective.sigma_d, generator=generator, device=device, dtype=x0.dtype)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            extra = {} if guidance is None else {"guidance": guidance}
+            per_sample, stats = objective(model, x0, labels, step=step, generator=generator, t=t, **extra)
+        loss = per_sample.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), config.optim.grad_clip or math.inf)
+        # Under DDP the gradients (hence their norm) are all-reduced, so every rank takes the same decision.
+        good = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
+        if good:
+            lr = config.optim.lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            ema.update(net, step)
+            consecutive_bad = 0
+            window.add(per_sample.detach(), t, stats, float(grad_norm), lr)
+        else:
+            consecutive_bad += 1
+            state["bad_steps"] += 1
+            log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); step skipped", step,
+                        float(loss.detach()), float(grad_norm))
+            if consecutive_bad >= cfg.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{consecutive_bad} consecutive steps (up to step {step}) had a non-finite loss or gradient, "
+                    f"stopping (train.max_bad_steps={cfg.max_bad_steps}). Last good checkpoint: "
+                    f"{checkpoint.latest(run_dir)}. Try a lower optim.lr, optim.grad_clip > 0 or "
+                    f"train.precision=fp32.")
+        window.time(time.perf_counter() - t0, t_data)
+        state["step"] = step + 1
+        bar.update(1)
+        done = state["step"] == cfg.steps
+
+        if state["step"] % cfg.log_every == 0 or done:
+            metrics = window.metrics(config, state, time.perf_counter() - t_start)
+            window = _Window()
+            summary["metrics"] = metrics
+            if rank == 0:
+                log.info("step %d %s", state["step"], " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+                bar.set_postfix(loss=_fmt(metrics.get("loss/mean", float("nan"))))
+        if rank == 0 and (state["step"] % cfg.checkpoint_every == 0 or done):
+            summary["checkpoint"] = save()
+        if rank == 0 and cfg.sample_every and (state["step"] % cfg.sample_every == 0 or done):
+            summary["samples"] = write_grid(config, ema.module, manifest, state["step"], device)
+    bar.close()
+    summary["step"] = state["step"]
+    summary["bad_steps"] = state["bad_steps"]
+    return summary
+
+
+def write_grid(config: Config, net: torch.nn.Module, manifest: dict, step: int, device: torch.device) -> str:
+    """Sample from the EMA weights with noise fixed by train.seed (grids comparable across steps); data space PNG."""
+    n = GRID_IMAGES if manifest["kind"] == "image" else GRID_VECTORS
+    generator = torch.Generator(device=device).manual_seed(config.train.seed)
+    noise = torch.randn((n, *manifest["shape"]), generator=generator, device=device)
+    num_classes = int(manifest.get("num_classes", 0))
+    labels = torch.arange(n, device=device) % num_classes if num_classes else None
+    was_training = net.training
+    net.eval()
+    x = generate(net, config, noise, steps=config.train.sample_steps, class_labels=labels, generator=generator)
+    net.train(was_training)
+    samples = data.Normalizer(manifest).to_data(x.float().cpu()).numpy()
+    os.makedirs(os.path.join(config.run.dir, "samples"), exist_ok=True)
+    path = os.path.join(config.run.dir, "samples", f"step-{step:09d}.png")
+    save_grid(samples, path, manifest["kind"])
+    log.info("samples %s", path)
+    return path
+
+
+class _Window:
+    """Running sums of the metrics between two log lines."""
+
+    def __init__(self):
+        self.n = 0
+        self.sums: dict[str, float] = {}
+        self.bin_sum = torch.zeros(T_BINS, dtype=torch.float64)
+        self.bin_count = torch.zeros(T_BINS, dtype=torch.float64)
+        self.step_s = self.data_s = 0.0
+        self.steps_timed = 0
+        self.lr = float("nan")
+
+    def add(self, per_sample: torch.Tensor, t: torch.Tensor, stats: dict, grad_norm: float, lr: float):
+        self.n += 1
+        values = {"loss/mean": per_sample.float().mean(), "optim/grad_norm": grad_norm, **stats}
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        bins = (t.float() / (math.pi / 2) * T_BINS).long().clamp(0, T_BINS - 1).cpu()
+        self.bin_sum.index_add_(0, bins, per_sample.detach().double().cpu())
+        self.bin_count.index_add_(0, bins, torch.ones_like(bins, dtype=torch.float64))
+        self.lr = lr
+
+    def time(self, step_s: float, data_s: float):
+        self.steps_timed += 1
+        self.step_s += step_s
+        self.data_s += data_s
+
+    def metrics(self, config: Config, state: dict, elapsed: float) -> dict:
+        m = {k: v / self.n for k, v in self.sums.items()} if self.n else {}
+        for i in range(T_BINS):
+            if self.bin_count[i] > 0:
+                m[f"loss/bin{i}"] = float(self.bin_sum[i] / self.bin_count[i])
+        per_step = self.step_s / max(self.steps_timed, 1)
+        m.update({
+            "optim/lr": self.lr,
+            "time/step_s": per_step,
+            "time/data_s": self.data_s / max(self.steps_timed, 1),
+            "time/images_per_s": config.train.batch_size / per_step if per_step > 0 else 0.0,
+            "time/elapsed_s": elapsed,
+            "data/images_seen": float(state["step"] * config.train.batch_size),
+            "train/step": float(state["step"]),
+            "train/skipped_steps": float(state["bad_steps"]),
+        })
+        return m
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}"
