@@ -55,7 +55,7 @@ class TeacherNet(torch.nn.Module):
 
     def forward(self, x, t, class_labels=None, guidance=None, return_logvar=False):
         sd = self.data.sigma_d
-        F = self.data.velocity(x * sd, t) / sd
+        F = (self.data.velocity(x.double() * sd, t.double()) / sd).to(x.dtype)
         return (F, torch.zeros_like(t)) if return_logvar else F
 
 
