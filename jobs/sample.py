@@ -1,0 +1,8 @@
+"""Entrypoint for `ray job submit ... -- python jobs/sample.py ARGS`: the same as `scmlab sample ARGS`."""
+
+import sys
+
+from scmlab.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["sample", *sys.argv[1:]]))

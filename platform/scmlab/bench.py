@@ -1,0 +1,119 @@
+"""Step-time benchmark: a TrigFlow diffusion training step against an sCT step of the same UNet (DESIGN section 3).
+
+Both steps are forward + backward + Adam update under the training precision (bf16 autocast on CUDA, fp32 on CPU);
+the sCT step adds the tangent's JVP, by forward-mode AD (`autograd`) or central differences (`fd`). The variants run
+interleaved in one process, one step each per round, after warmup rounds that are not timed; the ratio sCM /
+diffusion is of the median step times. Peak memory is torch.cuda.max_memory_allocated per variant on CUDA; on CPU
+there is no per-variant allocator peak, so it is reported as null.
+
+Needs torch only: no data, config-file or progress-bar packages are imported on this path.
+"""
+
+import argparse
+import json
+import logging
+import statistics
+import time
+
+import torch
+
+from .config import ModelConfig, net_config
+from .nets import build_net
+from .objectives import DiffusionLoss, SCMLoss
+
+log = logging.getLogger(__name__)
+
+# (preset, data shape, batch): debug sizes at Fashion-MNIST's shape on CPU; on CUDA also the paper's CIFAR-10
+# network and the EDM2 ImageNet 64 sizes at batches that fit one 80 GB GPU.
+CASES = {
+    "cpu": [("ci", (1, 28, 28), 16), ("small", (1, 28, 28), 4)],
+    "cuda": [("ci", (1, 28, 28), 256), ("small", (1, 28, 28), 256), ("cifar10", (3, 32, 32), 128),
+             ("S", (3, 64, 64), 64), ("M", (3, 64, 64), 32)],
+}
+VARIANTS = {
+    "diffusion": lambda: DiffusionLoss(),
+    "sct_autograd": lambda: SCMLoss("sct", warmup_steps=0, jvp="autograd"),
+    "sct_fd": lambda: SCMLoss("sct", warmup_steps=0, jvp="fd"),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_case(size: str, shape: tuple, batch: int, device: torch.device, *, warmup: int, iters: int) -> dict:
+    """Median step time and peak memory of each variant for one UNet preset, and the sCM / diffusion ratios."""
+    torch.manual_seed(0)
+    net = build_net(net_config(ModelConfig(arch="unet", size=size), 0.5), data_shape=shape).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99))
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    x0 = torch.rand((batch, *shape), device=device) * 2 - 1
+    losses = {name: make() for name, make in VARIANTS.items()}
+    times = {name: [] for name in VARIANTS}
+    peak = {name: 0 for name in VARIANTS}
+
+    def step(loss_fn, i):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss, _ = loss_fn(net, x0, step=i)
+        loss.mean().backward()
+        optimizer.step()
+
+    for i in range(warmup + iters):
+        for name, loss_fn in losses.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            step(loss_fn, i)
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+                if device.type == "cuda":
+                    peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    return {
+        "preset": size, "data_shape": list(shape), "batch": batch,
+        "params_M": round(sum(p.numel() for p in net.parameters()) / 1e6, 3),
+        "step_ms": {k: round(v, 3) for k, v in ms.items()},
+        "ratio": {k: round(ms[k] / ms["diffusion"], 3) for k in ms if k != "diffusion"},
+        "peak_mem_MiB": {k: round(v / 2**20, 1) for k, v in peak.items()} if device.type == "cuda" else None,
+    }
+
+
+def run_step_suite(device: torch.device, *, presets=None, warmup: int = 2, iters: int = 5) -> dict:
+    cases = [c for c in CASES[device.type] if presets is None or c[0] in presets]
+    results = []
+    for size, shape, batch in cases:
+        log.info("bench %s %s batch %d", size, shape, batch)
+        try:
+            results.append(bench_case(size, shape, batch, device, warmup=warmup, iters=iters))
+        except torch.cuda.OutOfMemoryError as e:  # record and go on with the other presets
+            results.append({"preset": size, "data_shape": list(shape), "batch": batch, "error": f"OOM: {e}"[:300]})
+            torch.cuda.empty_cache()
+    return {
+        "suite": "step", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "threads": torch.get_num_threads(), "warmup": warmup, "iters": iters, "results": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description="Benchmark a diffusion training step against an sCM step.")
+    p.add_argument("--suite", choices=("step",), default="step", help="what to time (step: one training step)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--presets", help="comma-separated UNet presets (default: those that fit the device)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p.add_argument("--iters", type=int, default=5, help="timed rounds (the median is reported)")
+    p.add_argument("--json", help="also write the result here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    result = run_step_suite(torch.device(args.device), presets=args.presets.split(",") if args.presets else None,
+                            warmup=args.warmup, iters=args.iters)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return result

@@ -1,0 +1,162 @@
+"""`scmlab`: prepare shards, train, sample. A thin shell over scmlab.data, scmlab.train and scmlab.train.samples.
+
+    scmlab prepare digits --out shards/digits
+    scmlab train --config jobs/configs/digits-sct.yaml run.dir=runs/digits train.steps=2000
+    scmlab sample --checkpoint runs/digits --steps 2 --n 64 --out samples.npz --grid samples.png
+"""
+
+import argparse
+import json
+import logging
+import sys
+
+log = logging.getLogger("scmlab")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    from .config import ConfigError
+    from .data import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scmlab", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Run `scmlab COMMAND --help` for a command's options.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("prepare", help="write WebDataset shards and manifest.json from a data source",
+                       description="Write WebDataset tar shards plus manifest.json (counts, shapes, checksums, "
+                                   "statistics) from a data source (see datasets/*.yaml and scmlab.data).")
+    s.add_argument("source", help="data source name or path, e.g. digits, fashion-mnist, toy-moons")
+    s.add_argument("--out", required=True, help="output directory for the shards and manifest.json")
+    s.add_argument("--shard-size", type=int, default=None, help="samples per shard (default: the source's)")
+    s.add_argument("--limit", type=int, default=None, help="take only the first N samples")
+    s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a card field or reader argument, e.g. num_classes=0 (repeatable)")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("train", help="train a diffusion, sCT or sCD model",
+                       description="Train from a YAML config plus section.key=value overrides. An existing run in "
+                                   "run.dir is resumed from its latest checkpoint.",
+                       epilog="example: scmlab train --config jobs/configs/digits-sct.yaml train.steps=200 "
+                              "optim.lr=2e-4 run.dir=runs/try")
+    s.add_argument("--config", help="YAML config file (jobs/configs/*.yaml)")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="override a config field, e.g. train.steps=100 (value parsed as YAML)")
+    s.add_argument("--summary-json", help="write {checkpoint, step, metrics, samples} here at the end")
+    s.add_argument("--dry-run", action="store_true", help="print the resolved config as YAML and exit")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="draw samples from a checkpoint's EMA weights",
+                       description="Sample with the EMA weights of a checkpoint. sCT/sCD: consistency sampling with "
+                                   "--steps steps; diffusion: --steps PF-ODE (Heun) steps. Writes an .npz with "
+                                   "`samples` (float32, data space: images NCHW in [-1, 1], vectors in original "
+                                   "units) and `labels` for class-conditional models.")
+    s.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (its latest)")
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: 2 for sCM, 18 for diffusion)")
+    s.add_argument("--n", type=int, default=64, help="number of samples (ignored with --noise)")
+    s.add_argument("--noise", help=".npy of standard-normal latents, shape (N, *data_shape)")
+    s.add_argument("--seed", type=int, default=0, help="seed for the latents and re-noising")
+    s.add_argument("--class-label", type=int, default=None,
+                   help="class for every sample (default for conditional models: 0, 1, ..., cycling)")
+    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    s.add_argument("--out", required=True, help="output .npz")
+    s.add_argument("--grid", help="also write a PNG grid (scatter plot for vectors)")
+    s.set_defaults(func=cmd_sample)
+    return p
+
+
+def cmd_prepare(args) -> int:
+    import yaml
+
+    from . import data
+
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--option {item!r}: expected KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    manifest = data.prepare(args.source, args.out, shard_size=args.shard_size, limit=args.limit, options=options)
+    log.info("wrote %d samples (%s %s, %d classes) in %d shards to %s", manifest["count"], manifest["kind"],
+             manifest["shape"], manifest["num_classes"], len(manifest["shards"]), args.out)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        sys.stdout.write(config.to_yaml())
+        return 0
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .train import TrainingDiverged, train
+
+    try:
+        with logging_redirect_tqdm():
+            summary = train(config, progress=True)
+    except TrainingDiverged as e:
+        log.error("%s", e)
+        return 3
+    if args.summary_json:
+        with open(args.summary_json, "w") as f:
+            json.dump(summary, f, indent=2)
+    log.info("done at step %d; checkpoint %s", summary["step"], summary["checkpoint"])
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+    import torch
+
+    from .config import Config
+    from .data import Normalizer
+    from .train import checkpoint
+    from .train.loop import resolve_device
+    from .train.samples import ema_model, generate, save_grid
+
+    path = checkpoint.resolve(args.checkpoint)
+    ckpt = checkpoint.load(path)
+    config, manifest = Config.from_dict(ckpt["config"]), ckpt["manifest"]
+    device = resolve_device(args.device)
+    net = ema_model(ckpt).to(device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    if args.noise:
+        noise = torch.from_numpy(np.load(args.noise)).float().to(device)
+        if tuple(noise.shape[1:]) != tuple(manifest["shape"]):
+            raise SystemExit(f"--noise: shape {tuple(noise.shape)} does not match (N, {', '.join(map(str, manifest['shape']))})")
+    else:
+        noise = torch.randn((args.n, *manifest["shape"]), generator=generator, device=device)
+    n, num_classes = noise.shape[0], int(manifest.get("num_classes", 0))
+    labels = None
+    if num_classes:
+        if args.class_label is not None and not 0 <= args.class_label < num_classes:
+            raise SystemExit(f"--class-label: must be in [0, {num_classes}), got {args.class_label}")
+        labels = (torch.full((n,), args.class_label, device=device) if args.class_label is not None
+                  else torch.arange(n, device=device) % num_classes)
+    elif args.class_label is not None:
+        raise SystemExit("--class-label: this model is unconditional")
+    x = generate(net, config, noise, steps=args.steps, class_labels=labels, generator=generator)
+    samples = Normalizer(manifest).to_data(x.float().cpu()).numpy().astype(np.float32)
+    arrays = {"samples": samples} | ({"labels": labels.cpu().numpy()} if labels is not None else {})
+    np.savez(args.out, **arrays)
+    log.info("%d samples %s from %s (step %d) -> %s", n, samples.shape[1:], path, ckpt["step"], args.out)
+    if args.grid:
+        save_grid(samples, args.grid, manifest["kind"])
+        log.info("grid -> %s", args.grid)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
