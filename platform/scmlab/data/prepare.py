@@ -1,0 +1,134 @@
+"""prepare(SOURCE, out=DIR): raw data -> WebDataset shards NAME-000000.tar, ... and manifest.json, written last."""
+
+import itertools
+import logging
+import os
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .cards import load_card
+from .manifest import FORMAT, MANIFEST, write_manifest
+from .raw import Raw
+from .readers import READERS
+from .shards import DataError, encode, write_shard
+from .storage import digest
+
+log = logging.getLogger(__name__)
+
+
+class Moments:
+    """Running mean and variance per group (channel or dimension), merged batch by batch (Chan, Golub & LeVeque
+    1979), so large offsets do not cancel as in sum-of-squares."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, values: np.ndarray) -> None:
+        """values: (G, k), k new values for each of G groups."""
+        k = values.shape[1]
+        mean = values.mean(axis=1)
+        m2 = ((values - mean[:, None]) ** 2).sum(axis=1)
+        n = self.n + k
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (k / n)
+        self.m2 = self.m2 + m2 + delta**2 * (self.n * k / n)
+        self.n = n
+
+    def stats(self) -> dict[str, list[float]]:
+        return {"mean": self.mean.tolist(), "std": np.sqrt(self.m2 / self.n).tolist()}
+
+
+def conform(x: np.ndarray, resolution: int | None, channels: int | None) -> np.ndarray:
+    """An (H, W, C) uint8 image with the card's channels (grayscale <-> RGB) and resolution (center crop to a square,
+    then Lanczos resize); unchanged when it already has them."""
+    if x.shape[:2] == (resolution or x.shape[0], resolution or x.shape[1]) and x.shape[2] == (channels or x.shape[2]):
+        return x
+    img = Image.fromarray(x[:, :, 0] if x.shape[2] == 1 else x)
+    if channels:
+        img = img.convert("L" if channels == 1 else "RGB")
+    if resolution and img.size != (resolution, resolution):
+        w, h = img.size
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        img = img.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.LANCZOS)
+    pixels = np.asarray(img)
+    return pixels[:, :, None] if pixels.ndim == 2 else pixels
+
+
+def _load(raw: Raw, i: int, card: dict) -> np.ndarray:
+    """Sample i: an (H, W, C) uint8 image conformed to the card, or a (D,) vector."""
+    x = np.asarray(raw.x[i])
+    return conform(x, card.get("resolution"), card.get("channels")) if x.dtype == np.uint8 else x
+
+
+def _samples(raw: Raw, n: int, card: dict, shape: tuple, num_classes: int, moments: Moments,
+             bar: tqdm) -> Iterator[tuple[str, dict]]:
+    """(key, tar members) of samples 0..n-1, each checked against `shape`; updates the moments and the progress."""
+    for i in range(n):
+        x = _load(raw, i, card)
+        if x.shape != shape:
+            raise DataError(f"dataset {card['name']}: sample {i} has shape {x.shape}, sample 0 {shape}; set "
+                            f"`resolution` and `channels` in a card to resize images")
+        if x.dtype == np.uint8:
+            moments.update(x.reshape(-1, x.shape[2]).T / 127.5 - 1)  # (H, W, C) -> (C, H*W) in [-1, 1]
+        else:
+            moments.update(x.astype(np.float64)[:, None])  # (D,) -> (D, 1)
+        bar.update()
+        yield f"{i:08d}", encode(x, int(raw.labels[i]) if num_classes else None)
+
+
+def _num_classes(raw: Raw, card: dict) -> int:
+    num_classes = int(card.get("num_classes", raw.num_classes))
+    if num_classes and raw.labels is None:
+        raise DataError(f"dataset {card['name']}: num_classes is {num_classes}, but the reader gives no labels")
+    if num_classes and raw.labels.max() >= num_classes:
+        raise DataError(f"dataset {card['name']}: label {raw.labels.max()} >= num_classes {num_classes}")
+    return num_classes
+
+
+def prepare(source: str, out: str, *, shard_size: int | None = None, limit: int | None = None,
+            progress: bool = True, options: Mapping | None = None) -> dict:
+    """Write the dataset SOURCE (a card name, a card file, or TYPE:PATH; see scmlab.data.cards) as shards in `out`
+    and return the manifest. `limit` keeps the first samples only; `options` override card fields or reader
+    arguments; `progress` shows a progress bar. An old manifest in `out` is removed first, so an interrupted run
+    leaves no manifest and cannot be mistaken for a whole dataset."""
+    card = load_card(source, options)
+    name, shard_size = card["name"], int(shard_size or card["shard_size"])
+    reader = dict(card["reader"])
+    try:
+        raw = READERS[reader.pop("type")](**reader)
+    except FileNotFoundError as e:
+        raise DataError(f"dataset {name}: {e}. {card.get('description', '')}".strip()) from None
+    n = len(raw.x) if limit is None else min(int(limit), len(raw.x))
+    if n == 0:
+        raise DataError(f"dataset {name}: no samples")
+    num_classes = _num_classes(raw, card)
+    first = _load(raw, 0, card)
+    kind = "image" if first.dtype == np.uint8 else "vector"
+    if kind == "vector" and first.ndim != 1:
+        raise DataError(f"dataset {name}: vectors must be 1-D, got shape {first.shape}")
+
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(os.path.join(out, MANIFEST)):
+        os.remove(os.path.join(out, MANIFEST))
+    moments = Moments()
+    shards = []
+    with tqdm(total=n, desc=f"prepare {name}", unit="sample", disable=not progress) as bar:
+        samples = _samples(raw, n, card, first.shape, num_classes, moments, bar)
+        for index, start in enumerate(range(0, n, shard_size)):
+            shard = f"{name}-{index:06d}.tar"
+            write_shard(os.path.join(out, shard), itertools.islice(samples, shard_size))
+            sha256, size = digest(os.path.join(out, shard))
+            shards.append({"name": shard, "count": min(shard_size, n - start), "sha256": sha256, "bytes": size})
+    manifest = {
+        "format": FORMAT, "name": name, "source": source, "kind": kind,
+        "shape": [first.shape[2], first.shape[0], first.shape[1]] if kind == "image" else list(first.shape),
+        "num_classes": num_classes, "count": n, "sigma_d": float(card["sigma_d"]), "shards": shards,
+        "stats": moments.stats(), "card": card,
+    }
+    write_manifest(out, manifest)
+    log.info("%s: %d samples in %d shards -> %s", name, n, len(shards), out)
+    return manifest
