@@ -194,8 +194,9 @@ class TrainConfig:
     sample_every: int = 0
     """Write a sample grid PNG (EMA weights, fixed noise) every this many steps (0 = never; always at the end when
     > 0)."""
-    sample_steps: int = 2
-    """Sampling steps for the grids: consistency steps for sct/scd, PF-ODE steps for diffusion."""
+    sample_steps: int | None = None
+    """Sampling steps for the grids: consistency steps for sct/scd (null = 2, the paper's), Heun PF-ODE steps for
+    diffusion (null = 18)."""
     max_bad_steps: int = 20
     """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped, not applied)."""
     device: str = "auto"
@@ -204,10 +205,12 @@ class TrainConfig:
     """`auto` (bf16 autocast on CUDA, fp32 on CPU), `fp32` or `bf16` (autocast)."""
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "sample_steps", "max_bad_steps"):
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "max_bad_steps"):
             _check(getattr(self, name) >= 1, f"train.{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("seed", "keep_checkpoints", "sample_every"):
             _check(getattr(self, name) >= 0, f"train.{name}: must be >= 0, got {getattr(self, name)}")
+        _check(self.sample_steps is None or self.sample_steps >= 1,
+               f"train.sample_steps: must be >= 1 or null for the default, got {self.sample_steps}")
         _one_of("train.ema", self.ema, EMA_PROFILES)
         _check(self.ema_half_life > 0, f"train.ema_half_life: must be > 0 images, got {self.ema_half_life}")
         _check(0 < self.ema_sigma_rel < 0.28,

@@ -52,18 +52,21 @@ def save_grid(samples: np.ndarray, path: str, kind: str) -> None:
     image.save(path)
 
 
-def _image_grid(x: np.ndarray) -> Image.Image:
+def _image_grid(x: np.ndarray, pad: int = 1) -> Image.Image:
     n, c, h, w = x.shape
     x = x[:, :3] if c >= 3 else x[:, :1]  # latents: show the first three channels
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     pixels = ((np.clip(x, -1, 1) + 1) * 127.5).round().astype(np.uint8)
-    grid = np.zeros((rows * cols, pixels.shape[1], h, w), np.uint8)
-    grid[:n] = pixels
-    grid = grid.reshape(rows, cols, -1, h, w).transpose(0, 3, 1, 4, 2).reshape(rows * h, cols * w, -1)  # (H', W', C)
+    tiles = np.full((rows * cols, pixels.shape[1], h + pad, w + pad), 128, np.uint8)  # gray lines between tiles
+    tiles[:n, :, pad:, pad:] = pixels
+    H, W = rows * (h + pad) + pad, cols * (w + pad) + pad
+    grid = np.full((H, W, pixels.shape[1]), 128, np.uint8)
+    grid[:-pad, :-pad] = tiles.reshape(rows, cols, -1, h + pad, w + pad).transpose(0, 3, 1, 4, 2).reshape(
+        H - pad, W - pad, -1)  # (rows, h, cols, w, C) -> (H, W, C)
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    scale = max(1, 256 // max(rows * h, cols * w))  # small images (8x8 digits) enlarged, pixels kept sharp
-    return image.resize((cols * w * scale, rows * h * scale), Image.NEAREST)
+    scale = max(1, 384 // max(H, W))  # small images (8x8 digits) enlarged, pixels kept sharp
+    return image.resize((W * scale, H * scale), Image.NEAREST)
 
 
 def _scatter(x: np.ndarray, size: int = 512) -> Image.Image:
