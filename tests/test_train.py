@@ -162,3 +162,8 @@ def test_vector_grid_is_a_scatter_plot(toy_shards, make_config, tmp_path):
     summary = train(make_config(toy_shards, tmp_path, train={"steps": 1, "sample_every": 1}))
     pixels = np.asarray(Image.open(summary["samples"]).convert("L"))
     assert 0 < (pixels < 128).mean() < 0.5  # dots on a white background
+
+
+def test_sigma_d_must_match_the_dataset(toy_shards, make_config, tmp_path):
+    with pytest.raises(ValueError, match="objective.sigma_d: 1.0 differs from the dataset's sigma_d 0.5"):
+        train(make_config(toy_shards, tmp_path, objective={"sigma_d": 1.0}))

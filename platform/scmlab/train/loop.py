@@ -104,6 +104,9 @@ def train(config: Config, *, rank: int = 0, world_size: int = 1, wrap=None, prog
         raise ValueError(f"train.batch_size: {cfg.batch_size} does not split evenly over {world_size} workers")
     local_batch = cfg.batch_size // world_size
     manifest = data.read_manifest(config.data.train)
+    if float(manifest["sigma_d"]) != config.objective.sigma_d:  # vectors were normalized to the dataset's sigma_d
+        raise ValueError(f"objective.sigma_d: {config.objective.sigma_d} differs from the dataset's sigma_d "
+                         f"{manifest['sigma_d']} (data.train manifest); set objective.sigma_d={manifest['sigma_d']}")
 
     torch.manual_seed(cfg.seed)  # the same initialization on every rank
     net = build_model(config, manifest).to(device)
