@@ -3,7 +3,7 @@ PYTHON ?= python3
 # The CPU build that lies in these machines' pip find-links; set TORCH=... for another build.
 TORCH ?= torch==2.13.0
 DEVICE ?= cpu
-STAMP := .scmlab/install.stamp
+STAMP := build/install.stamp
 DEMO := runs/demo
 
 .PHONY: install test demo bench clean
@@ -31,4 +31,4 @@ bench: $(STAMP)
 	$(PYTHON) jobs/bench.py --suite step --device $(DEVICE) --json runs/bench-$(DEVICE).json
 
 clean:
-	rm -rf $(DEMO) .scmlab
+	rm -rf $(DEMO) $(STAMP)

@@ -78,7 +78,12 @@ def test_bad_config_exits_2_naming_the_field(caplog):
     assert code == 2 and "objective.kind: 'foo' is not one of diffusion, sct, scd" in caplog.text
 
 
-@pytest.mark.parametrize("command", ["prepare", "train", "sample"])
+def test_services_status_of_an_empty_home(tmp_path, capsys):
+    assert main(["services", "status", "--home", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"storage": None, "mlflow": None}
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "sample", "services"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])

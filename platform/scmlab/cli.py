@@ -1,8 +1,9 @@
-"""`scmlab`: prepare shards, train, sample. A thin shell over scmlab.data, scmlab.train and scmlab.train.samples.
+"""`scmlab`: prepare shards, train, sample, run the local services. A thin shell over the library.
 
     scmlab prepare digits --out shards/digits
     scmlab train --config jobs/configs/digits-sct.yaml run.dir=runs/digits train.steps=2000
     scmlab sample --checkpoint runs/digits --steps 2 --n 64 --out samples.npz --grid samples.png
+    scmlab services up
 """
 
 import argparse
@@ -72,6 +73,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .npz")
     s.add_argument("--grid", help="also write a PNG grid (scatter plot for vectors)")
     s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("services", help="start, stop or show the local object store and MLflow server",
+                       description="The embedded SeaweedFS (S3) and MLflow servers on 127.0.0.1 (scmlab.services). "
+                                   "Prints the state of each service as JSON.")
+    s.add_argument("action", choices=("up", "down", "status"))
+    s.add_argument("--home", help="state directory (default: $SCMLAB_HOME or ./.scmlab)")
+    s.set_defaults(func=cmd_services)
     return p
 
 
@@ -155,6 +163,20 @@ def cmd_sample(args) -> int:
     if args.grid:
         save_grid(samples, args.grid, manifest["kind"])
         log.info("grid -> %s", args.grid)
+    return 0
+
+
+def cmd_services(args) -> int:
+    from . import services
+
+    if args.action == "up":
+        state = services.services_up(args.home)
+    elif args.action == "down":
+        services.services_down(args.home)
+        state = services.services_status(args.home)
+    else:
+        state = services.services_status(args.home)
+    sys.stdout.write(json.dumps(state, indent=2) + "\n")
     return 0
 
 
