@@ -5,6 +5,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import os
 import pickle
 import subprocess
@@ -198,6 +199,25 @@ def test_corrupt_sample_names_shard_and_key(tmp_path):
         next(make_loader(str(tmp_path), batch_size=2, seed=0))
 
 
+def test_skip_drops_and_counts_bad_samples(tmp_path, caplog):
+    _write_tar(tmp_path / "h-000000.tar", [{"key": "a", "npy": _npy_bytes([1, 2])},
+                                           {"key": "odd", "npy": _npy_bytes([1, 2, 3])},
+                                           {"key": "bare", "txt": b"no sample member"},
+                                           {"key": "b", "npy": _npy_bytes([3, 4])}])
+    _manifest_for(tmp_path, [("h-000000.tar", 4)], kind="vector", shape=[2], num_classes=0,
+                  stats={"mean": [0.0, 0.0], "std": [1.0, 1.0]})
+    with pytest.raises(DataError, match=r"h-000000\.tar, key '(odd|bare)'"):
+        list(itertools.islice(make_loader(str(tmp_path), batch_size=2, seed=0), 3))
+    loader = make_loader(str(tmp_path), batch_size=2, seed=0, on_error="skip")  # an epoch: 2 good, 2 bad
+    with caplog.at_level(logging.WARNING, logger="scmlab"):
+        batches = [x / 0.5 for x, _ in itertools.islice(loader, 3)]  # sigma_d 0.5, unit stats
+    assert all(sorted(x[:, 0].tolist()) == [1, 3] for x in batches)
+    assert 4 <= loader.skipped <= 6  # epochs 0 and 1 counted; epoch 2's bad samples may come after its batch
+    assert "key 'odd': shape [3] differs" in caplog.text and "key 'bare': no png or npy member" in caplog.text
+    with pytest.raises(ValueError, match="on_error must be one of"):
+        make_loader(str(tmp_path), batch_size=2, seed=0, on_error="ignore")
+
+
 def test_missing_manifest_and_interrupted_prepare(tmp_path):
     with pytest.raises(DataError, match="no manifest.json"):
         read_manifest(str(tmp_path))
@@ -335,22 +355,34 @@ def test_normalizer_round_trip(tmp_path):
         is images
 
 
-def test_loader_ranks_get_disjoint_data_and_equal_batches(tmp_path):
-    m = prepare(f"npy:{_vectors(tmp_path, labels=False)}", str(tmp_path / "four"), shard_size=10, progress=False)
-    seen = []
+def test_loader_ranks_read_disjoint_epochs_of_equal_length(tmp_path):
+    # 43 samples in shards of 10, 10, 10, 10, 3; 2 ranks: 21 samples per rank per epoch, batches of 7.
+    m = prepare(f"npy:{_vectors(tmp_path, n=43, labels=False)}", str(tmp_path / "v"), shard_size=10, progress=False)
+    epochs = []  # epochs[rank][e]: the sample indices of epoch e
     for rank in (0, 1):
-        batches = list(itertools.islice(make_loader(str(tmp_path / "four"), batch_size=8, seed=1, rank=rank,
-                                                    world_size=2), 12))
-        assert len(batches) == 12 and all(x.shape == (8, 3) and y is None for x, y in batches)
-        seen.append({i // 10 for x, _ in batches for i in _indices(x, m)})  # shard index of each sample
-    assert seen == [{0, 2}, {1, 3}]
+        batches = list(itertools.islice(make_loader(str(tmp_path / "v"), batch_size=7, seed=1, rank=rank,
+                                                    world_size=2), 9))
+        assert all(x.shape == (7, 3) and y is None for x, y in batches)
+        indices = [i for x, _ in batches for i in _indices(x, m)]
+        epochs.append([indices[e * 21:(e + 1) * 21] for e in range(3)])
+    for e in range(3):
+        a, b = epochs[0][e], epochs[1][e]
+        assert len(set(a)) == len(set(b)) == 21 and not set(a) & set(b)  # disjoint, no repeats, equal length
+    assert len({frozenset(epochs[0][e]) for e in range(3)}) == 3  # each epoch orders the shards anew
 
-    m = prepare(f"npy:{tmp_path / 'vec.npy'}", str(tmp_path / "one"), shard_size=40, progress=False)
-    seen = [{i for x, _ in itertools.islice(make_loader(str(tmp_path / "one"), batch_size=5, seed=1, rank=rank,
-                                                         world_size=2), 8) for i in _indices(x, m)}
-            for rank in (0, 1)]
-    assert {i % 2 for i in seen[0]} == {0} and {i % 2 for i in seen[1]} == {1}  # one shard: every other sample
-    assert min(map(len, seen)) > 10
+    # A run resumed after 3 steps (one epoch) reads epoch 1, not epoch 0 again.
+    resumed = [i for x, _ in itertools.islice(make_loader(str(tmp_path / "v"), batch_size=7, seed=1, rank=0,
+                                                          world_size=2, start_step=3), 3) for i in _indices(x, m)]
+    assert sorted(resumed) == sorted(epochs[0][1])
+
+    # One shard, two ranks: each reads its half of it.
+    m = prepare(f"npy:{tmp_path / 'vec.npy'}", str(tmp_path / "one"), shard_size=43, progress=False)
+    halves = [{i for x, _ in itertools.islice(make_loader(str(tmp_path / "one"), batch_size=7, seed=1, rank=rank,
+                                                           world_size=2), 3) for i in _indices(x, m)}
+              for rank in (0, 1)]
+    assert halves == [set(range(21)), set(range(21, 42))]
+    with pytest.raises(DataError, match="50 streams, but the dataset holds only 43 samples"):
+        next(make_loader(str(tmp_path / "one"), batch_size=1, seed=1, world_size=50))
 
 
 def test_loader_deterministic_per_seed_rank_and_step(tmp_path):

@@ -6,30 +6,24 @@ Schema ("format": "scmlab-shards/1"):
     shards: [{name, count, sha256, bytes}], stats: {mean, std} (per channel of [-1, 1] pixels for images,
     informational; per dimension in original units for vectors, used by `Normalizer`), card (the resolved card).
 
-`prepare` writes the manifest last and atomically, so a directory with a manifest is a whole dataset.
+`prepare` writes the manifest last and atomically (a renamed file, or one PUT to object storage), so a location
+with a manifest is a whole dataset.
 A dataset location (`url`) is a directory or URL prefix holding manifest.json, or a brace pattern of some of its
 shards (`dir/name-{000000..000003}.tar`) with manifest.json beside them.
 """
 
 import json
-import os
 
 from .shards import DataError
-from .storage import digest, expand_url, join_url, open_url, split_url
+from .storage import digest, expand_url, join_url, open_url, split_url, write_bytes
 
 FORMAT = "scmlab-shards/1"
 MANIFEST = "manifest.json"
 
 
-def write_manifest(directory: str, manifest: dict) -> None:
-    """Write directory/manifest.json atomically (temporary file, fsync, rename)."""
-    path = os.path.join(directory, MANIFEST)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_manifest(location: str, manifest: dict) -> None:
+    """Write location/manifest.json whole or not at all (a local directory or an s3:// prefix)."""
+    write_bytes(join_url(location, MANIFEST), json.dumps(manifest, indent=1).encode())
 
 
 def _base(url: str) -> str:

@@ -1,20 +1,25 @@
-"""prepare(SOURCE, out=DIR): raw data -> WebDataset shards NAME-000000.tar, ... and manifest.json, written last."""
+"""prepare(SOURCE, out=DIR or s3://bucket/prefix): raw data -> WebDataset shards NAME-000000.tar, ... and
+manifest.json, written last."""
 
 import itertools
 import logging
 import os
+import tempfile
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from . import s3
 from .cards import load_card
 from .manifest import FORMAT, MANIFEST, write_manifest
 from .raw import Raw
 from .readers import READERS
 from .shards import DataError, encode, write_shard
-from .storage import digest
+from .storage import digest, file_path, join_url
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +94,95 @@ def _num_classes(raw: Raw, card: dict) -> int:
     return num_classes
 
 
+class _Directory:
+    """Output to a local directory: shards written in place, the manifest (an old one removed first) last."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        if os.path.exists(os.path.join(directory, MANIFEST)):
+            os.remove(os.path.join(directory, MANIFEST))
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    def add(self, name: str, sha256: str, size: int) -> None:
+        pass
+
+    def finish(self, manifest: dict) -> None:
+        write_manifest(self.directory, manifest)
+
+    def close(self) -> None:
+        pass
+
+
+class _Upload:
+    """Output to s3://bucket/prefix: each shard is written to a scratch directory and uploaded in the background
+    while the next one is written (at most IN_FLIGHT at once, each deleted once stored). A shard already stored
+    with the same sha256 is not sent again, so re-running an interrupted prepare resumes it; the manifest (an old
+    one deleted first) is stored after every shard."""
+
+    IN_FLIGHT = 2
+
+    def __init__(self, url: str, progress: bool):
+        self.url, self.uploaded, self.stored = url, 0, 0
+        self.scratch = tempfile.TemporaryDirectory(prefix="scmlab-prepare-")
+        s3.delete(join_url(url, MANIFEST))
+        self.pool = ThreadPoolExecutor(self.IN_FLIGHT)
+        self.pending: list[Future] = []
+        self.bar = tqdm(total=0, desc=f"upload to {url}", unit="B", unit_scale=True, position=1,
+                        disable=not progress)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.scratch.name, name)
+
+    def add(self, name: str, sha256: str, size: int) -> None:
+        while len(self.pending) >= self.IN_FLIGHT:
+            self._collect()
+        self.bar.total += size
+        self.pending.append(self.pool.submit(self._put, name, sha256, size))
+
+    def _put(self, name: str, sha256: str, size: int) -> bool:
+        path = self.path(name)
+        uploaded = s3.put_file(join_url(self.url, name), path, sha256=sha256, size=size, callback=self.bar.update)
+        if not uploaded:
+            self.bar.update(size)
+        os.remove(path)
+        return uploaded
+
+    def _collect(self) -> None:
+        self.uploaded += self.pending.pop(0).result()
+        self.stored += 1
+
+    def finish(self, manifest: dict) -> None:
+        while self.pending:
+            self._collect()
+        write_manifest(self.url, manifest)
+        log.info("%s: %d shards uploaded, %d already stored", self.url, self.uploaded, self.stored - self.uploaded)
+
+    def close(self) -> None:
+        """Wait for the uploads under way (stored shards are what a re-run skips), then drop the scratch files."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.bar.close()
+        self.scratch.cleanup()
+
+
+def _output(out: str, progress: bool) -> _Directory | _Upload:
+    path = file_path(out)
+    if path is not None:
+        return _Directory(path)
+    if urlparse(out).scheme == "s3":
+        return _Upload(out, progress)
+    raise DataError(f"{out}: cannot write a dataset there (local directories and s3:// prefixes only)")
+
+
 def prepare(source: str, out: str, *, shard_size: int | None = None, limit: int | None = None,
             progress: bool = True, options: Mapping | None = None) -> dict:
     """Write the dataset SOURCE (a card name, a card file, or TYPE:PATH; see scmlab.data.cards) as shards in `out`
-    and return the manifest. `limit` keeps the first samples only; `options` override card fields or reader
-    arguments; `progress` shows a progress bar. An old manifest in `out` is removed first, so an interrupted run
-    leaves no manifest and cannot be mistaken for a whole dataset."""
+    (a local directory or an s3://bucket/prefix) and return the manifest. `limit` keeps the first samples only;
+    `options` override card fields or reader arguments; `progress` shows progress bars. An old manifest in `out` is
+    removed first, so an interrupted run leaves no manifest and cannot be mistaken for a whole dataset; re-running
+    it into object storage uploads only the shards not already stored."""
     card = load_card(source, options)
     name, shard_size = card["name"], int(shard_size or card["shard_size"])
     reader = dict(card["reader"])
@@ -111,24 +199,26 @@ def prepare(source: str, out: str, *, shard_size: int | None = None, limit: int 
     if kind == "vector" and first.ndim != 1:
         raise DataError(f"dataset {name}: vectors must be 1-D, got shape {first.shape}")
 
-    os.makedirs(out, exist_ok=True)
-    if os.path.exists(os.path.join(out, MANIFEST)):
-        os.remove(os.path.join(out, MANIFEST))
-    moments = Moments()
-    shards = []
-    with tqdm(total=n, desc=f"prepare {name}", unit="sample", disable=not progress) as bar:
-        samples = _samples(raw, n, card, first.shape, num_classes, moments, bar)
-        for index, start in enumerate(range(0, n, shard_size)):
-            shard = f"{name}-{index:06d}.tar"
-            write_shard(os.path.join(out, shard), itertools.islice(samples, shard_size))
-            sha256, size = digest(os.path.join(out, shard))
-            shards.append({"name": shard, "count": min(shard_size, n - start), "sha256": sha256, "bytes": size})
-    manifest = {
-        "format": FORMAT, "name": name, "source": source, "kind": kind,
-        "shape": [first.shape[2], first.shape[0], first.shape[1]] if kind == "image" else list(first.shape),
-        "num_classes": num_classes, "count": n, "sigma_d": float(card["sigma_d"]), "shards": shards,
-        "stats": moments.stats(), "card": card,
-    }
-    write_manifest(out, manifest)
+    output = _output(out, progress)
+    try:
+        moments = Moments()
+        shards = []
+        with tqdm(total=n, desc=f"prepare {name}", unit="sample", disable=not progress) as bar:
+            samples = _samples(raw, n, card, first.shape, num_classes, moments, bar)
+            for index, start in enumerate(range(0, n, shard_size)):
+                shard = f"{name}-{index:06d}.tar"
+                write_shard(output.path(shard), itertools.islice(samples, shard_size))
+                sha256, size = digest(output.path(shard))
+                output.add(shard, sha256, size)
+                shards.append({"name": shard, "count": min(shard_size, n - start), "sha256": sha256, "bytes": size})
+        manifest = {
+            "format": FORMAT, "name": name, "source": source, "kind": kind,
+            "shape": [first.shape[2], first.shape[0], first.shape[1]] if kind == "image" else list(first.shape),
+            "num_classes": num_classes, "count": n, "sigma_d": float(card["sigma_d"]), "shards": shards,
+            "stats": moments.stats(), "card": card,
+        }
+        output.finish(manifest)
+    finally:
+        output.close()
     log.info("%s: %d samples in %d shards -> %s", name, n, len(shards), out)
     return manifest

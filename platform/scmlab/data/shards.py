@@ -4,7 +4,8 @@ A sample is a group of tar members sharing a key: `KEY.png` (an image, uint8, 1 
 (a float32 vector in original units), and optionally `KEY.cls` (the class index as text). Shards are plain tar
 files, so stock webdataset and `tar -tf` read them. Reading checks what a streaming reader cannot see by itself: a
 shard that ends early (its sample count against the manifest's) and samples whose shape disagrees with the manifest;
-every error names the shard URL and the sample key.
+every error names the shard URL and the sample key. Storage that cannot be reached (or refuses the credentials) is
+not a data error: its StorageError / PermissionError passes through as raised.
 """
 
 import io
@@ -16,6 +17,7 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
+from .s3 import StorageError
 from .storage import open_url
 
 
@@ -63,6 +65,8 @@ def read_shard(url: str, count: int | None = None) -> Iterator[dict]:
                         n += 1
                     sample = {"__key__": key, "__url__": url}
                 sample[ext.lower()] = data
+    except (StorageError, PermissionError):
+        raise
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"shard {url}: unreadable at key {key!r}: {e} (truncated or corrupt; check it with "
                         f"scmlab.data.verify)") from e

@@ -2,11 +2,12 @@
 
 A location is a local path, a `file://` URL, or `scheme://...` for a scheme registered with `register_scheme`.
 Everything that reads a dataset (the manifest reader, the shard reader, checksum verification, and webdataset's
-own `gopen`) opens through `open_url`, so object storage (`s3://`, streamed through boto3) is added by one
-`register_scheme` call.
+own `gopen`) opens through `open_url`; `s3://` (scmlab.data.s3, boto3 streaming) is registered here, so stock
+`webdataset.WebDataset("s3://bucket/prefix/name-{000000..000009}.tar")` reads object storage too.
 """
 
 import hashlib
+import os
 from collections.abc import Callable
 from typing import BinaryIO
 from urllib.parse import urlparse
@@ -15,12 +16,21 @@ from urllib.request import url2pathname
 import braceexpand
 import webdataset
 
+from . import s3
+
 Opener = Callable[[str], BinaryIO]
 
 
-def _open_local(url: str) -> BinaryIO:
+def file_path(url: str) -> str | None:
+    """The file system path of a local location (a path or file:// URL); None for any other scheme."""
     parsed = urlparse(url)
-    return open(url2pathname(parsed.path) if parsed.scheme == "file" else url, "rb")
+    if parsed.scheme == "file":
+        return url2pathname(parsed.path)
+    return url if parsed.scheme == "" else None
+
+
+def _open_local(url: str) -> BinaryIO:
+    return open(file_path(url), "rb")
 
 
 _OPENERS: dict[str, Opener] = {"": _open_local, "file": _open_local}
@@ -48,6 +58,23 @@ def open_url(url: str) -> BinaryIO:
     return _OPENERS[scheme](url)
 
 
+def write_bytes(url: str, data: bytes) -> None:
+    """Store `data` at `url` whole or not at all: a local file is written to a temporary name, synced and renamed;
+    an s3:// object is one PUT."""
+    path = file_path(url)
+    if path is None:
+        if urlparse(url).scheme != "s3":
+            raise ValueError(f"{url}: cannot write there (writable: local paths, s3://)")
+        s3.put_bytes(url, data)
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def join_url(base: str, name: str) -> str:
     """`name` inside the location `base` (a directory or a URL prefix)."""
     return base.rstrip("/") + "/" + name
@@ -72,3 +99,6 @@ def digest(url: str) -> tuple[str, int]:
             sha.update(chunk)
             size += len(chunk)
     return sha.hexdigest(), size
+
+
+register_scheme("s3", s3.open_s3)
