@@ -162,7 +162,7 @@ class _Upload:
 
     def close(self) -> None:
         """Wait for the uploads under way (stored shards are what a re-run skips), then drop the scratch files."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown(wait=True)  # at most IN_FLIGHT: a shard queued but not yet started is finished too
         self.bar.close()
         self.scratch.cleanup()
 
