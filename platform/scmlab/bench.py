@@ -1,4 +1,9 @@
-"""Step-time benchmark: a TrigFlow diffusion training step against an sCT step of the same UNet (DESIGN section 3).
+"""Benchmarks that print JSON. Suites:
+
+- step: a TrigFlow diffusion training step against an sCT step of the same UNet (DESIGN section 3);
+- data: loader samples/s from local disk against the local S3 server (SeaweedFS), for 1 and 2 loader workers.
+
+The step suite:
 
 Both steps are forward + backward + Adam update under the training precision (bf16 autocast on CUDA, fp32 on CPU);
 the sCT step adds the tangent's JVP, by forward-mode AD (`autograd`) or central differences (`fd`). The variants run
@@ -99,9 +104,38 @@ def run_step_suite(device: torch.device, *, presets=None, warmup: int = 2, iters
     }
 
 
+def run_data_suite(*, limit: int = 20_000, batch_size: int = 256, batches: int = 100, repeats: int = 3) -> dict:
+    """Fashion-MNIST (`limit` images, 1000 per shard) prepared to a temporary folder and to the local object store
+    (started for the run in a temporary home unless SCMLAB_HOME has one running), read back by make_loader."""
+    import os
+    import tempfile
+
+    from . import data, services
+    from .data import throughput
+
+    with tempfile.TemporaryDirectory(prefix="scmlab-bench-") as tmp:
+        home = os.environ.get("SCMLAB_HOME") or os.path.join(tmp, "home")
+        started = services.services_status(home)["storage"] is None
+        state = services.storage_up(home)
+        try:
+            os.environ.update(services.env_for_clients(home))
+            data.configure_s3()
+            local, remote = os.path.join(tmp, "fashion-mnist"), f"s3://{state['bucket']}/bench/fashion-mnist"
+            for out in (local, remote):
+                data.prepare("fashion-mnist", out, limit=limit, shard_size=1000, progress=False)
+            result = throughput.compare(local, remote, batch_size=batch_size, batches=batches, repeats=repeats)
+        finally:
+            if started:
+                services.services_down(home)
+    return {"suite": "data", "dataset": f"fashion-mnist[:{limit}] 28x28, 1000 per shard",
+            "batch_size": batch_size, "batches": batches, "repeats": repeats,
+            "samples_per_s": result["samples_per_s"], "ratio_s3_over_local": result["ratio"]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Benchmark a diffusion training step against an sCM step.")
-    p.add_argument("--suite", choices=("step",), default="step", help="what to time (step: one training step)")
+    p.add_argument("--suite", choices=("step", "data"), default="step",
+                   help="step: one training step, diffusion vs sCM; data: loader samples/s, local disk vs S3")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--presets", help="comma-separated UNet presets (default: those that fit the device)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
@@ -109,8 +143,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    result = run_step_suite(torch.device(args.device), presets=args.presets.split(",") if args.presets else None,
-                            warmup=args.warmup, iters=args.iters)
+    if args.suite == "data":
+        result = run_data_suite()
+    else:
+        result = run_step_suite(torch.device(args.device),
+                                presets=args.presets.split(",") if args.presets else None,
+                                warmup=args.warmup, iters=args.iters)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
