@@ -50,7 +50,8 @@ def test_keep_prunes_old_checkpoints(tmp_path):
 
 # ---- the loop ------------------------------------------------------------------------------------------------------
 
-def step_indexed_loader(url, *, batch_size, seed, rank=0, world_size=1, num_workers=0, start_step=0):
+def step_indexed_loader(url, *, batch_size, seed, rank=0, world_size=1, num_workers=0, start_step=0,
+                        on_error="raise"):
     """Batch k is a function of (seed, rank, k) only, so a resumed run sees the same data as a straight one (the
     real loader reseeds its shuffle on restart: statistically, not bitwise, equivalent)."""
     manifest = data.read_manifest(url)
@@ -82,7 +83,7 @@ def test_resume_reproduces_an_uninterrupted_run(toy_shards, make_config, tmp_pat
 def test_summary_metrics_are_namespaced_and_binned_by_t(toy_shards, make_config, tmp_path):
     summary = train(make_config(toy_shards, tmp_path, train={"steps": 3, "batch_size": 64}))
     m = summary["metrics"]
-    assert np.isfinite(m["loss/mean"]) and m["tangent/rms"] > 0 and m["data/images_seen"] == 3 * 64
+    assert np.isfinite(m["loss/mean"]) and m["tangent/rms"] > 0 and m["data/samples_seen"] == 3 * 64
     assert any(k.startswith("loss/bin") for k in m) and all(np.isfinite(v) for v in m.values())
     assert {"optim/lr", "optim/grad_norm", "time/step_s", "train/skipped_steps"} <= m.keys()
     assert os.path.isfile(os.path.join(tmp_path, "config.yaml"))

@@ -3,7 +3,8 @@
     scmlab prepare digits --out shards/digits
     scmlab train --config jobs/configs/digits-sct.yaml run.dir=runs/digits train.steps=2000
     scmlab sample --checkpoint runs/digits --steps 2 --n 64 --out samples.npz --grid samples.png
-    scmlab services up
+    scmlab services up                       # S3 (SeaweedFS) + MLflow on 127.0.0.1; prints endpoints and the UI URL
+    scmlab services run -- ray start --head  # a command with the services' client environment (credentials too)
 """
 
 import argparse
@@ -20,10 +21,11 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     from .config import ConfigError
     from .data import DataError
+    from .services import ServiceError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, ServiceError) as e:
         log.error("%s", e)
         return 2
 
@@ -76,10 +78,27 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("services", help="start, stop or show the local object store and MLflow server",
                        description="The embedded SeaweedFS (S3) and MLflow servers on 127.0.0.1 (scmlab.services). "
-                                   "Prints the state of each service as JSON.")
+                                   "up, down and status print the state of each service as JSON (never "
+                                   "credentials) and log the endpoints and the MLflow UI URL.")
+    actions = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, what in (("up", "start both (or find them running)"), ("down", "stop both; data is kept"),
+                         ("status", "show what runs")):
+        a = actions.add_parser(action, help=what)
+        a.add_argument("--home", help="state directory (default: $SCMLAB_HOME or ./.scmlab)")
+        a.set_defaults(func=cmd_services)
+    a = actions.add_parser("run", help="run a command with the clients' environment",
+                           description="Run COMMAND with the environment that clients of the services need (S3 "
+                                       "endpoint and credentials, MLFLOW_TRACKING_URI), so that credentials travel "
+                                       "through the environment only: scmlab services run -- ray start --head")
+    a.add_argument("--home", help="state directory (default: $SCMLAB_HOME or ./.scmlab)")
+    a.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments, after --")
+    a.set_defaults(func=cmd_services_run)
+
+    s = sub.add_parser("storage", help="start, stop or show the local object store alone",
+                       description="The embedded SeaweedFS S3 server on 127.0.0.1, without MLflow.")
     s.add_argument("action", choices=("up", "down", "status"))
     s.add_argument("--home", help="state directory (default: $SCMLAB_HOME or ./.scmlab)")
-    s.set_defaults(func=cmd_services)
+    s.set_defaults(func=cmd_storage)
     return p
 
 
@@ -109,11 +128,12 @@ def cmd_train(args) -> int:
         return 0
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .train import TrainingDiverged, train
+    from .train import TrainingDiverged
+    from .train.driver import run
 
     try:
         with logging_redirect_tqdm():
-            summary = train(config, progress=True)
+            summary = run(config, progress=True)
     except TrainingDiverged as e:
         log.error("%s", e)
         return 3
@@ -121,6 +141,8 @@ def cmd_train(args) -> int:
         with open(args.summary_json, "w") as f:
             json.dump(summary, f, indent=2)
     log.info("done at step %d; checkpoint %s", summary["step"], summary["checkpoint"])
+    if summary.get("mlflow_url"):
+        log.info("MLflow run %s; EMA model %s", summary["mlflow_url"], summary["model_uri"])
     return 0
 
 
@@ -176,8 +198,48 @@ def cmd_services(args) -> int:
         state = services.services_status(args.home)
     else:
         state = services.services_status(args.home)
-    sys.stdout.write(json.dumps(state, indent=2) + "\n")
+    _report(state, args.home)
     return 0
+
+
+def cmd_services_run(args) -> int:
+    import os
+
+    from . import services
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise SystemExit("scmlab services run: give the command after --, e.g. scmlab services run -- env")
+    os.execvpe(command[0], command, {**os.environ, **services.env_for_clients(args.home)})
+
+
+def cmd_storage(args) -> int:
+    from . import services
+
+    if args.action == "up":
+        services.storage_up(args.home)
+    elif args.action == "down":
+        services.services_down(args.home)  # MLflow proxies its artifacts to the store: it stops too
+    _report(services.services_status(args.home), args.home)
+    return 0
+
+
+def _report(state: dict, home) -> None:
+    """The services' state as JSON on stdout (no credentials: they stay in the home's 0600 file), and a log line
+    per service with what to open."""
+    from .services import resolve_home
+
+    sys.stdout.write(json.dumps(state, indent=2) + "\n")
+    storage, mlflow = state.get("storage"), state.get("mlflow")
+    if storage:
+        log.info("S3 endpoint %s (bucket scmlab), data in %s", storage["endpoint"], storage["data_dir"])
+    if mlflow:
+        log.info("MLflow UI %s (tracking URI)", mlflow["tracking_uri"])
+    if storage or mlflow:
+        log.info("clients: scmlab services run -- COMMAND (credentials in %s); stop: scmlab services down",
+                 resolve_home(home) / "credentials.json")
+    else:
+        log.info("no local service runs in %s; start them: scmlab services up", resolve_home(home))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Importable with torch alone: `yaml` is imported only by the functions that read 
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ SCHEDULES = ("constant", "inv_sqrt")
 EMA_PROFILES = ("halflife", "power")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+ON_ERROR = ("raise", "skip")
+TRACKERS = ("auto", "none", "mlflow")
 
 
 class ConfigError(ValueError):
@@ -48,11 +51,15 @@ class DataConfig:
     (`s3://bucket/prefix/name-{000000..000099}.tar`). Required; make shards with `scmlab prepare`."""
     num_workers: int = 0
     """DataLoader worker processes per training process (0 = load in the training process)."""
+    on_error: str = "raise"
+    """A corrupt or truncated sample: `raise` stops the run naming shard and key; `skip` drops it with a warning and
+    counts it (`data/skipped_samples`). Unreachable object storage always stops the run after its retries."""
 
     def __post_init__(self):
         _check(bool(self.train), "data.train is required: set it to the shard directory or URL written by "
                                  "`scmlab prepare` (e.g. data.train=shards/digits)")
         _check(self.num_workers >= 0, f"data.num_workers: must be >= 0, got {self.num_workers}")
+        _one_of("data.on_error", self.on_error, ON_ERROR)
 
 
 @dataclass
@@ -176,7 +183,7 @@ class TrainConfig:
     steps: int = 1000
     """Optimizer steps in total (a resumed run continues up to this count)."""
     batch_size: int = 128
-    """Global batch size (split evenly over the workers)."""
+    """Global batch size per optimizer step: each of the train.workers processes takes batch_size / workers."""
     seed: int = 0
     """Seed of everything: initialization, and each step's noise, times, dropout and data from (seed, rank, step)."""
     ema: str = "halflife"
@@ -203,11 +210,18 @@ class TrainConfig:
     """`auto` (CUDA when available), `cpu` or `cuda`."""
     precision: str = "auto"
     """`auto` (bf16 autocast on CUDA, fp32 on CPU), `fp32` or `bf16` (autocast)."""
+    workers: int = 0
+    """Ray Train workers, each a process with a DDP replica (one GPU each when training on CUDA). 0 = train in this
+    process, without Ray."""
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves for each worker (its data loading runs there too: count data.num_workers in)."""
+    max_failures: int = 3
+    """Ray Train restarts the workers from the last checkpoint after up to this many failures (-1 = no limit)."""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "max_bad_steps"):
             _check(getattr(self, name) >= 1, f"train.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("seed", "keep_checkpoints", "sample_every"):
+        for name in ("seed", "keep_checkpoints", "sample_every", "workers"):
             _check(getattr(self, name) >= 0, f"train.{name}: must be >= 0, got {getattr(self, name)}")
         _check(self.sample_steps is None or self.sample_steps >= 1,
                f"train.sample_steps: must be >= 1 or null for the default, got {self.sample_steps}")
@@ -217,15 +231,53 @@ class TrainConfig:
                f"train.ema_sigma_rel: must be in (0, 0.28), got {self.ema_sigma_rel} (the paper: 0.05)")
         _one_of("train.device", self.device, DEVICES)
         _one_of("train.precision", self.precision, PRECISIONS)
+        _check(self.cpus_per_worker > 0, f"train.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+        _check(self.max_failures >= -1, f"train.max_failures: must be >= -1 (-1 = no limit), got {self.max_failures}")
+        _check(self.batch_size % max(self.workers, 1) == 0,
+               f"train.batch_size: {self.batch_size} does not split evenly over train.workers={self.workers}; use a "
+               f"multiple of {self.workers}")
+
+
+@dataclass
+class TrackingConfig:
+    kind: str = "auto"
+    """`mlflow`: log params, metrics, sample grids, checkpoint URIs, system metrics and the final EMA model to an
+    MLflow tracking server; `none`; `auto`: mlflow when tracking.uri (or MLFLOW_TRACKING_URI) is set."""
+    uri: str = ""
+    """MLflow tracking URI (e.g. http://127.0.0.1:5000); empty = $MLFLOW_TRACKING_URI. Resolved when the config is
+    built, so the workers log where the driver saw the server."""
+    experiment: str = "scmlab"
+    """MLflow experiment, created by the driver if missing."""
+    system_metrics: bool = True
+    """Sample CPU, memory and GPU use of the rank-0 worker into the run (`system/` metrics)."""
+
+    def __post_init__(self):
+        _one_of("tracking.kind", self.kind, TRACKERS)
+        self.uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        if self.kind == "auto":
+            self.kind = "mlflow" if self.uri else "none"
+        _check(self.kind != "mlflow" or bool(self.uri),
+               "tracking.uri is required for tracking.kind=mlflow: set it or MLFLOW_TRACKING_URI (`scmlab services "
+               "up` prints it), or set tracking.kind=none")
+        _check(bool(self.experiment), "tracking.experiment: must not be empty")
 
 
 @dataclass
 class RunConfig:
     dir: str = ""
     """Run directory: checkpoints/, samples/ and config.yaml go here; an existing run there is resumed. Required."""
+    name: str = ""
+    """Run name (Ray Train and MLflow); empty = the last component of run.dir. A driver restarted with the same
+    run.storage and run.name resumes the run."""
+    storage: str = ""
+    """Where Ray Train keeps the checkpoints (train.workers >= 1), under run.name: a directory that every node sees,
+    or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL, as for data). Empty = run.dir's parent, so that locally
+    the Ray run directory is run.dir itself."""
 
     def __post_init__(self):
         _check(bool(self.dir), "run.dir is required: a directory for checkpoints and samples (e.g. run.dir=runs/demo)")
+        self.name = self.name or os.path.basename(os.path.normpath(os.path.abspath(self.dir)))
+        _check("/" not in self.name, f"run.name: {self.name!r} must not contain '/'")
 
 
 def net_config(model: ModelConfig, sigma_d: float) -> types.SimpleNamespace:
@@ -235,7 +287,7 @@ def net_config(model: ModelConfig, sigma_d: float) -> types.SimpleNamespace:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "objective": ObjectiveConfig, "optim": OptimConfig,
-            "train": TrainConfig, "run": RunConfig}
+            "train": TrainConfig, "tracking": TrackingConfig, "run": RunConfig}
 
 
 @dataclass
@@ -245,6 +297,7 @@ class Config:
     objective: ObjectiveConfig
     optim: OptimConfig
     train: TrainConfig
+    tracking: TrackingConfig
     run: RunConfig
 
     def __post_init__(self):

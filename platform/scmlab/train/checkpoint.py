@@ -1,9 +1,12 @@
 """Atomic checkpoints: `run_dir/checkpoints/step-000001000.pt`, each a dict of tensors and plain Python values.
 
-A checkpoint holds {"model", "ema", "optimizer", "step", "bad_steps", "config" (resolved dict), "manifest"}; it is
-written to a temporary file in the same directory, fsynced and renamed into place, so a crash never leaves a
-truncated file under a checkpoint name, and `latest` only ever sees complete files. Loading uses
-torch.load(weights_only=True): no pickled code.
+A checkpoint holds {"model", "ema", "optimizer", "step", "bad_steps", "config" (resolved dict), "manifest",
+"mlflow_run_id" (None when not tracked)}; it is written to a temporary file in the same directory, fsynced and
+renamed into place, so a crash never leaves a truncated file under a checkpoint name, and `latest` only ever sees
+complete files. Loading uses torch.load(weights_only=True): no pickled code.
+
+The training loop reads and writes checkpoints through a store: `LocalCheckpoints` (run.dir/checkpoints, here) or
+the Ray Train store of scmlab.train.distributed; both hold the same dict.
 """
 
 import logging
@@ -81,3 +84,27 @@ def resolve(path: str) -> str:
 def load(path: str, map_location="cpu") -> dict:
     """Load a checkpoint file or the latest one of a run directory."""
     return torch.load(resolve(path), map_location=map_location, weights_only=True)
+
+
+class LocalCheckpoints:
+    """The checkpoint store of a run trained in one process or by a launcher without storage of its own: rank 0
+    writes run_dir/checkpoints/step-*.pt; the other ranks write nothing."""
+
+    def __init__(self, run_dir: str, *, keep: int = 0, rank: int = 0):
+        self.run_dir, self.keep, self.rank = run_dir, keep, rank
+
+    def restore(self, map_location="cpu") -> dict | None:
+        """The latest checkpoint, loaded, or None for a fresh run."""
+        path = latest(self.run_dir)
+        if path is None:
+            return None
+        log.info("resuming from %s", path)
+        return load(path, map_location=map_location)
+
+    def save(self, state, step: int, metrics: dict) -> str | None:
+        """Write state() (a callable: other ranks never build it) as the checkpoint of `step`; its path on rank 0."""
+        return save(self.run_dir, state(), keep=self.keep) if self.rank == 0 else None
+
+    def last(self) -> str | None:
+        """Where the newest complete checkpoint is (for error messages)."""
+        return latest(self.run_dir)

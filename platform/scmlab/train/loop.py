@@ -1,7 +1,8 @@
 """The training loop: steps, mixed precision, EMA, NaN guard, checkpoints, sample grids. No framework.
 
-`train(config)` runs one process's share of a run. A launcher (Ray Train, torchrun) passes `rank`, `world_size` and
-a `wrap` (e.g. DistributedDataParallel); nothing here reads global state. Each step reseeds every random draw (data
+`train(config)` runs one process's share of a run. A launcher (Ray Train: scmlab.train.distributed) passes `rank`,
+`world_size`, a `wrap` (DistributedDataParallel), its checkpoint store and a tracker; nothing here reads global
+state. Each step reseeds every random draw (data
 order, t, z, dropout, label dropout) from (seed, rank, step), so a run resumed from a checkpoint takes the same steps
 as an uninterrupted one. Metrics are namespaced (loss/, tangent/, weight/, optim/, time/, data/, train/).
 """
@@ -16,9 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data, trigflow
-from ..config import Config
+from ..config import Config, ConfigError
 from ..ema import EMA
 from ..objectives import DiffusionLoss, SCMLoss
+from ..tracking import NullTracker
 from . import checkpoint
 from .samples import build_model, ema_model, generate, save_grid
 
@@ -94,62 +96,101 @@ def init_from_teacher(net: torch.nn.Module, teacher: torch.nn.Module, path: str)
         log.warning("initialized from the teacher except %d tensors (kept fresh): %s", len(missing), missing[:5])
 
 
-def train(config: Config, *, rank: int = 0, world_size: int = 1, wrap=None, progress: bool = False) -> dict:
-    """Train to config.train.steps, resuming from the latest checkpoint in run.dir. Returns a summary dict:
-    {"step", "checkpoint" (latest path), "metrics" (last logged), "samples" (last grid or None)}."""
+def check_inputs(config: Config) -> dict:
+    """What can be checked before any worker starts: the dataset is there (its manifest reads), its sigma_d is the
+    objective's, the teacher checkpoint exists. Returns the manifest. Errors name the field or URL."""
+    manifest = data.read_manifest(config.data.train)
+    if float(manifest["sigma_d"]) != config.objective.sigma_d:  # vectors were normalized to the dataset's sigma_d
+        raise ConfigError(f"objective.sigma_d: {config.objective.sigma_d} differs from the dataset's sigma_d "
+                          f"{manifest['sigma_d']} (data.train manifest); set objective.sigma_d={manifest['sigma_d']}")
+    if config.objective.teacher:
+        try:
+            checkpoint.resolve(config.objective.teacher)
+        except FileNotFoundError as e:
+            raise ConfigError(f"objective.teacher: {e}") from None
+    return manifest
+
+
+def train(config: Config, *, rank: int = 0, world_size: int = 1, wrap=None, progress: bool = False,
+          checkpoints=None, tracker=None) -> dict:
+    """Train to config.train.steps, resuming from the latest checkpoint. Returns a summary dict:
+    {"step", "bad_steps", "checkpoint" (latest path or URI), "metrics" (last logged), "samples" (last grid or None),
+    "mlflow_run_id" (None when not tracked)}.
+
+    `checkpoints`: the store (default: checkpoint.LocalCheckpoints of run.dir); every rank calls its `save` at each
+    checkpoint step, which lets a launcher's store synchronize there. `tracker`: on rank 0, a callable taking the
+    MLflow run id stored in the resumed checkpoint (None for a fresh run) and returning the scmlab.tracking.Tracker
+    to log to; it is finished with the run (FAILED on an exception). Other ranks log nothing.
+    """
     cfg, run_dir = config.train, config.run.dir
     device = resolve_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
     if cfg.batch_size % world_size:
-        raise ValueError(f"train.batch_size: {cfg.batch_size} does not split evenly over {world_size} workers")
+        raise ConfigError(f"train.batch_size: {cfg.batch_size} does not split evenly over {world_size} workers")
     local_batch = cfg.batch_size // world_size
-    manifest = data.read_manifest(config.data.train)
-    if float(manifest["sigma_d"]) != config.objective.sigma_d:  # vectors were normalized to the dataset's sigma_d
-        raise ValueError(f"objective.sigma_d: {config.objective.sigma_d} differs from the dataset's sigma_d "
-                         f"{manifest['sigma_d']} (data.train manifest); set objective.sigma_d={manifest['sigma_d']}")
+    manifest = check_inputs(config)
+    store = checkpoints or checkpoint.LocalCheckpoints(run_dir, keep=cfg.keep_checkpoints, rank=rank)
 
     torch.manual_seed(cfg.seed)  # the same initialization on every rank
     net = build_model(config, manifest).to(device)
-    resume = checkpoint.latest(run_dir)
+    resumed = store.restore(map_location=device)
     teacher = None
-    if config.objective.teacher and (config.objective.kind == "scd" or not resume):
+    if config.objective.teacher and (config.objective.kind == "scd" or not resumed):
         teacher = load_teacher(config, manifest).to(device)
-        if not resume:
+        if not resumed:
             init_from_teacher(net, teacher, config.objective.teacher)
     ema = EMA(net, batch_size=cfg.batch_size, **({"half_life_images": cfg.ema_half_life} if cfg.ema == "halflife"
                                                   else {"sigma_rel": cfg.ema_sigma_rel}))
     optimizer = build_optimizer(config, net.parameters())
     state = {"step": 0, "bad_steps": 0}
-    if resume:
-        ckpt = checkpoint.load(resume, map_location=device)
-        net.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = {"step": ckpt["step"], "bad_steps": ckpt["bad_steps"]}
-        log.info("resumed from %s at step %d", resume, state["step"])
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(config.to_yaml())
-        log.info("%s %s/%s: %.2fM parameters, data %s %s, %d classes, device %s, autocast %s", config.objective.kind,
-                 config.model.arch, config.model.size, sum(p.numel() for p in net.parameters()) / 1e6,
-                 manifest["kind"], manifest["shape"], manifest.get("num_classes", 0), device, amp)
+    if resumed:
+        net.load_state_dict(resumed["model"])
+        ema.load_state_dict(resumed["ema"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        state = {"step": resumed["step"], "bad_steps": resumed["bad_steps"]}
+        log.info("resumed at step %d", state["step"])
+    run = (tracker or (lambda run_id: NullTracker()))(resumed and resumed.get("mlflow_run_id")) if rank == 0 \
+        else NullTracker()
+    del resumed  # the loaded tensors: the model, EMA and optimizer hold copies now
+    with run:
+        if rank == 0:
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+                f.write(config.to_yaml())
+            log.info("%s %s/%s: %.2fM parameters, data %s %s, %d classes, device %s, autocast %s, %d worker(s) x "
+                     "batch %d", config.objective.kind, config.model.arch, config.model.size,
+                     sum(p.numel() for p in net.parameters()) / 1e6, manifest["kind"], manifest["shape"],
+                     manifest.get("num_classes", 0), device, amp, world_size, local_batch)
+            run.log_params(config.to_dict())
+            run.set_tags({"scmlab.kind": config.objective.kind, "scmlab.data": config.data.train,
+                          "scmlab.workers": str(world_size), "scmlab.device": str(device)})
+            if state["step"]:
+                run.log_metrics({"train/resumed_from": state["step"]}, step=state["step"])
+        return _steps(config, rank=rank, world_size=world_size, model=wrap(net) if wrap is not None else net,
+                      net=net, ema=ema, optimizer=optimizer, teacher=teacher, manifest=manifest, state=state,
+                      store=store, run=run, device=device, amp=amp, local_batch=local_batch, progress=progress)
 
+
+def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teacher, manifest, state, store, run,
+           device, amp, local_batch, progress) -> dict:
+    """The step loop of `train`, from state["step"] to train.steps."""
+    cfg, run_dir = config.train, config.run.dir
     objective = build_objective(config, teacher)
-    model = wrap(net) if wrap is not None else net
     loader = data.make_loader(config.data.train, batch_size=local_batch, seed=cfg.seed, rank=rank,
-                              world_size=world_size, num_workers=config.data.num_workers, start_step=state["step"])
+                              world_size=world_size, num_workers=config.data.num_workers, start_step=state["step"],
+                              on_error=config.data.on_error)
     guidance = None
     if config.model.guidance_input:
         guidance = torch.full((local_batch,), config.objective.guidance_scale, device=device)
+    distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 
-    def save() -> str:
-        return checkpoint.save(run_dir, {
-            "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "step": state["step"], "bad_steps": state["bad_steps"], "config": config.to_dict(), "manifest": manifest,
-        }, keep=cfg.keep_checkpoints)
+    def snapshot() -> dict:
+        return {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": state["step"], "bad_steps": state["bad_steps"], "config": config.to_dict(),
+                "manifest": manifest, "mlflow_run_id": run.run_id}
 
-    summary = {"step": state["step"], "checkpoint": resume, "metrics": {}, "samples": None}
+    summary = {"step": state["step"], "checkpoint": store.last(), "metrics": {}, "samples": None,
+               "mlflow_run_id": run.run_id}
     window = _Window()
     consecutive_bad = 0
     net.train()
@@ -176,9 +217,12 @@ def train(config: Config, *, rank: int = 0, world_size: int = 1, wrap=None, prog
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), config.optim.grad_clip or math.inf)
-        # Under DDP the gradients (hence their norm) are all-reduced, so every rank takes the same decision.
-        good = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
-        if good:
+        # Gradients (hence their norm) are all-reduced under DDP, the loss is not: agree on the decision, so that
+        # every rank skips the same steps and stops at the same step.
+        good = torch.tensor(float(torch.isfinite(grad_norm) and torch.isfinite(loss)), device=device)
+        if distributed:
+            torch.distributed.all_reduce(good, op=torch.distributed.ReduceOp.MIN)
+        if good.item():
             lr = config.optim.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -195,24 +239,31 @@ def train(config: Config, *, rank: int = 0, world_size: int = 1, wrap=None, prog
                 raise TrainingDiverged(
                     f"{consecutive_bad} consecutive steps (up to step {step}) had a non-finite loss or gradient, "
                     f"stopping (train.max_bad_steps={cfg.max_bad_steps}). Last good checkpoint: "
-                    f"{checkpoint.latest(run_dir)}. Try a lower optim.lr, optim.grad_clip > 0 or "
-                    f"train.precision=fp32.")
+                    f"{store.last()}. Try a lower optim.lr, optim.grad_clip > 0 or train.precision=fp32.")
         window.time(time.perf_counter() - t0, t_data)
         state["step"] = step + 1
         bar.update(1)
         done = state["step"] == cfg.steps
 
         if state["step"] % cfg.log_every == 0 or done:
-            metrics = window.metrics(config, state, time.perf_counter() - t_start)
+            skipped = torch.tensor(float(getattr(loader, "skipped", 0)), device=device)
+            if distributed:
+                torch.distributed.all_reduce(skipped)  # summed over the ranks' loaders
+            metrics = window.metrics(config, state, time.perf_counter() - t_start, int(skipped.item()))
             window = _Window()
             summary["metrics"] = metrics
             if rank == 0:
                 log.info("step %d %s", state["step"], " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
                 bar.set_postfix(loss=_fmt(metrics.get("loss/mean", float("nan"))))
-        if rank == 0 and (state["step"] % cfg.checkpoint_every == 0 or done):
-            summary["checkpoint"] = save()
+                run.log_metrics(metrics, step=state["step"])
+        if state["step"] % cfg.checkpoint_every == 0 or done:
+            uri = store.save(snapshot, state["step"], summary["metrics"])
+            if rank == 0:
+                summary["checkpoint"] = uri
+                run.set_tags({"checkpoint.latest": uri, "checkpoint.latest_step": str(state["step"])})
         if rank == 0 and cfg.sample_every and (state["step"] % cfg.sample_every == 0 or done):
             summary["samples"] = write_grid(config, ema.module, manifest, state["step"], device)
+            run.log_image(summary["samples"], "samples", step=state["step"])
     bar.close()
     summary["step"] = state["step"]
     summary["bad_steps"] = state["bad_steps"]
@@ -265,7 +316,7 @@ class _Window:
         self.step_s += step_s
         self.data_s += data_s
 
-    def metrics(self, config: Config, state: dict, elapsed: float) -> dict:
+    def metrics(self, config: Config, state: dict, elapsed: float, skipped_samples: int) -> dict:
         m = {k: v / self.n for k, v in self.sums.items()} if self.n else {}
         for i in range(T_BINS):
             if self.bin_count[i] > 0:
@@ -275,9 +326,11 @@ class _Window:
             "optim/lr": self.lr,
             "time/step_s": per_step,
             "time/data_s": self.data_s / max(self.steps_timed, 1),
-            "time/images_per_s": config.train.batch_size / per_step if per_step > 0 else 0.0,
+            "time/data_fraction": self.data_s / self.step_s if self.step_s > 0 else 0.0,
+            "time/samples_per_s": config.train.batch_size / per_step if per_step > 0 else 0.0,
             "time/elapsed_s": elapsed,
-            "data/images_seen": float(state["step"] * config.train.batch_size),
+            "data/samples_seen": float(state["step"] * config.train.batch_size),
+            "data/skipped_samples": float(skipped_samples),
             "train/step": float(state["step"]),
             "train/skipped_steps": float(state["bad_steps"]),
         })

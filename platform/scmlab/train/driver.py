@@ -1,0 +1,44 @@
+"""The driver of a training run (`scmlab train`, jobs/train.py): everything that happens once per run, around the
+loop. In order: check the inputs (before any worker or MLflow run exists, so a bad config or a missing dataset
+costs nothing and names the field or URL), resolve the MLflow run, train in this process (train.workers = 0) or on
+Ray Train workers (scmlab.train.distributed), log the final EMA weights as an MLflow model.
+"""
+
+import dataclasses
+import functools
+import logging
+import os
+
+from ..config import Config
+from . import mlflow_run
+from .loop import check_inputs, train
+
+log = logging.getLogger(__name__)
+
+
+def run(config: Config, *, progress: bool = False) -> dict:
+    """Train `config` to the end; returns the loop's summary plus, when tracked, "mlflow_run_id", "mlflow_url" and
+    "model_uri" (the EMA model). See scmlab.train.loop.train and scmlab.train.distributed.fit."""
+    manifest = check_inputs(config)
+    if config.train.workers:
+        from . import distributed
+
+        run_key = distributed.location(config)[2]
+    else:
+        run_key = os.path.abspath(config.run.dir)
+    target = mlflow_run.resolve(config, run_key)
+    if target is not None:
+        log.info("MLflow run: %s", mlflow_run.ui_url(target))
+    try:
+        if config.train.workers:
+            summary = distributed.fit(config, target)
+        else:
+            summary = train(config, progress=progress, tracker=functools.partial(mlflow_run.open_tracker, target))
+    except BaseException as e:
+        mlflow_run.fail(target, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    if target is not None:
+        target = dataclasses.replace(target, run_id=summary["mlflow_run_id"])  # the checkpoint's, if it differed
+        summary["mlflow_url"] = mlflow_run.ui_url(target)
+        summary["model_uri"] = mlflow_run.log_ema_model(target, summary["checkpoint"], manifest)
+    return summary

@@ -1,0 +1,89 @@
+"""The MLflow side of a training run: which run to log to, and the final EMA model.
+
+The driver resolves the run before any worker starts (`resolve`): it creates the experiment if missing (once, here:
+workers creating it concurrently race on the server's sqlite store) and finds the run tagged with the run's key (its
+Ray storage location, or its run directory), or creates it. A restarted driver thus continues the same MLflow run,
+and rank 0 writes the run id into every checkpoint, so a resumed worker logs to the run it started in (`open`). Steps
+between the last checkpoint and a failure are logged again by the resumed run, at the same step numbers.
+
+The final EMA weights are logged as an MLflow model (`log_ema_model`): a pyfunc (scmlab.train.mlflow_model) whose
+artifact is the checkpoint file and whose `predict` maps standard-normal noise to samples in data space, as
+`scmlab sample` does.
+"""
+
+import dataclasses
+import logging
+import os
+
+import numpy as np
+
+from ..config import Config
+from ..tracking import MLflowTracker, NullTracker, Tracker, ensure_experiment
+
+log = logging.getLogger(__name__)
+
+RUN_KEY_TAG = "scmlab.run"
+MODEL_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mlflow_model.py")  # the pyfunc, from code
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where rank 0 logs: plain values, shipped to the workers."""
+    uri: str
+    experiment_id: str
+    run_id: str
+    system_metrics: bool
+
+
+def resolve(config: Config, run_key: str) -> Target | None:
+    """The experiment and run of `config` (None when tracking is off); call in the driver, before the workers."""
+    if config.tracking.kind == "none":
+        return None
+    from mlflow import MlflowClient
+
+    uri = config.tracking.uri
+    experiment_id = ensure_experiment(uri, config.tracking.experiment)
+    found = MlflowClient(uri).search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                                         order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        log.info("continuing MLflow run %s (%s)", run_id, run_key)
+    else:
+        run_id = MLflowTracker(uri, experiment_id=experiment_id, run_name=config.run.name,
+                               tags={RUN_KEY_TAG: run_key}).run_id
+    return Target(uri, experiment_id, run_id, config.tracking.system_metrics)
+
+
+def open_tracker(target: Target | None, checkpoint_run_id: str | None) -> Tracker:
+    """Rank 0's tracker: the run of the resumed checkpoint if it names one, else the driver's."""
+    if target is None:
+        return NullTracker()
+    if checkpoint_run_id and checkpoint_run_id != target.run_id:
+        log.warning("the checkpoint was logged to MLflow run %s, not %s: continuing %s", checkpoint_run_id,
+                    target.run_id, checkpoint_run_id)
+    return MLflowTracker(target.uri, run_id=checkpoint_run_id or target.run_id, system_metrics=target.system_metrics)
+
+
+def ui_url(target: Target) -> str:
+    return f"{target.uri.rstrip('/')}/#/experiments/{target.experiment_id}/runs/{target.run_id}"
+
+
+def fail(target: Target | None, status: str = "FAILED") -> None:
+    """End the run as FAILED or KILLED (the driver, when training could not finish)."""
+    if target is not None:
+        from mlflow import MlflowClient
+
+        MlflowClient(target.uri).set_terminated(target.run_id, status=status)
+
+
+def log_ema_model(target: Target, checkpoint_path: str, manifest: dict) -> str:
+    """Log the EMA weights of a checkpoint file as the MLflow model `ema` of the run; returns its models:/ URI."""
+    import mlflow
+
+    example = np.random.default_rng(0).standard_normal((2, *manifest["shape"])).astype(np.float32)
+    mlflow.set_tracking_uri(target.uri)
+    with mlflow.start_run(run_id=target.run_id):  # ends FINISHED: called once training has finished
+        info = mlflow.pyfunc.log_model(name="ema", python_model=MODEL_CODE, artifacts={"checkpoint": checkpoint_path},
+                                       input_example=example, pip_requirements=["scmlab", "torch"])
+    log.info("EMA model %s in MLflow run %s", info.model_uri, target.run_id)
+    return info.model_uri
