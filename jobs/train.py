@@ -2,6 +2,7 @@
 
 import sys
 
+import _bootstrap  # noqa: F401  (this checkout's scmlab first)
 from scmlab.cli import main
 
 if __name__ == "__main__":

@@ -132,10 +132,56 @@ def run_data_suite(*, limit: int = 20_000, batch_size: int = 256, batches: int =
             "samples_per_s": result["samples_per_s"], "ratio_s3_over_local": result["ratio"]}
 
 
+def run_train_suite(*, steps: int = 80, batch_size: int = 64, repeats: int = 2) -> dict:
+    """The training loop on the 8x8 digits (UNet `ci`, sCT, global batch `batch_size`, fp32 on CPU): in this process
+    (bare), under Ray Train with 1 worker holding every CPU, and with 2 workers holding one CPU each (DDP, gloo).
+    steps/s comes from the loop's own step timer (data, step, all-reduce; not checkpoints) over the second half of
+    each run, so start-up is excluded; each variant runs `repeats` times, alternating, and the median is kept."""
+    import os
+    import statistics
+    import tempfile
+
+    from . import data
+    from .config import Config
+    from .train import loop
+    from .train.distributed import fit
+
+    cpus = os.cpu_count()
+    os.environ.setdefault("RAY_ADDRESS", "local")  # a Ray of this process's own, on this machine's CPUs
+    variants = {"bare": (0, cpus), "ray_1_worker": (1, cpus), "ray_2_workers": (2, cpus / 2)}
+    timed = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory(prefix="scmlab-bench-") as tmp:
+        shards = os.path.join(tmp, "digits")
+        data.prepare("digits", shards, shard_size=100, progress=False)
+        for repeat in range(repeats):
+            for name, (workers, cpus_per_worker) in variants.items():
+                config = Config.from_dict({
+                    "data": {"train": shards}, "model": {"arch": "unet", "size": "ci"},
+                    "objective": {"kind": "sct", "warmup_steps": 1000}, "optim": {"name": "radam", "lr": 1e-3},
+                    "train": {"steps": steps, "batch_size": batch_size, "log_every": steps // 2,
+                              "checkpoint_every": steps, "device": "cpu", "workers": workers,
+                              "cpus_per_worker": cpus_per_worker},
+                    "tracking": {"kind": "none"}, "run": {"dir": os.path.join(tmp, f"{name}-{repeat}")}})
+                if workers:
+                    summary = fit(config, None)
+                else:
+                    torch.set_num_threads(cpus)  # what Ray gives a worker of `cpus` CPUs (OMP_NUM_THREADS)
+                    summary = loop.train(config)
+                timed[name].append(1 / summary["metrics"]["time/step_s"])
+                log.info("%s: %.2f steps/s", name, timed[name][-1])
+    steps_per_s = {name: round(statistics.median(v), 3) for name, v in timed.items()}
+    return {"suite": "train", "device": "cpu", "cpus": cpus, "torch": torch.__version__,
+            "case": f"digits 8x8, UNet ci, sCT, global batch {batch_size}, {steps} steps (second half timed)",
+            "repeats": repeats, "steps_per_s": steps_per_s, "runs": timed,
+            "ratio_ray_1_worker_over_bare": round(steps_per_s["ray_1_worker"] / steps_per_s["bare"], 3),
+            "ratio_2_workers_over_1": round(steps_per_s["ray_2_workers"] / steps_per_s["ray_1_worker"], 3)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Benchmark a diffusion training step against an sCM step.")
-    p.add_argument("--suite", choices=("step", "data"), default="step",
-                   help="step: one training step, diffusion vs sCM; data: loader samples/s, local disk vs S3")
+    p.add_argument("--suite", choices=("step", "data", "train"), default="step",
+                   help="step: one training step, diffusion vs sCM; data: loader samples/s, local disk vs S3; "
+                        "train: the training loop's steps/s bare vs under Ray Train with 1 and 2 CPU workers")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--presets", help="comma-separated UNet presets (default: those that fit the device)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
@@ -145,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.suite == "data":
         result = run_data_suite()
+    elif args.suite == "train":
+        result = run_train_suite()
     else:
         result = run_step_suite(torch.device(args.device),
                                 presets=args.presets.split(",") if args.presets else None,

@@ -91,8 +91,8 @@ def _worker(loop_config: dict) -> dict:
     import ray.train
     from torch.nn.parallel import DistributedDataParallel
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("scmlab").setLevel(logging.INFO)  # the step lines; libraries stay at WARNING
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     target = mlflow_run.Target(**loop_config["target"]) if loop_config["target"] else None
