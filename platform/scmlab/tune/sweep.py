@@ -1,0 +1,443 @@
+"""Scaling sweeps (`scmlab sweep`, jobs/sweep.py): a Ray Tune grid over model.size x optim.lr (x seeds), each
+trial a Ray Train run of the training loop, one MLflow child run per trial under the sweep's parent run, and the
+fitted scaling law in the parent.
+
+A sweep config is a training config (the base of every trial) plus a `sweep` section (`SweepConfig`). Everything
+is parsed and checked before Ray or MLflow is touched: the grid, the presets, the metric against the objective,
+the dataset.
+
+The Train V2 pattern (DESIGN.md section 7): the Tune trial is a function (`_trial`) that builds a TorchTrainer and
+calls fit(), with `TuneReportCallback` in the Train RunConfig; it is the driver of its Train run, so it takes no
+CPU of its own (its workers do). Names are deterministic: trial `tiny-lr0.001-seed0` trains in
+`run.dir/trials/tiny-lr0.001-seed0` (its Ray Train run: storage `{run.storage or run.dir's parent}/{run.name}/trials`)
+and logs to the MLflow child tagged with that location.
+
+Resume: the driver records every finished trial (ok or failed) in `run.dir/results.csv` as it completes. A driver
+restarted with the same config (or a larger grid) launches only the trials not recorded there; a trial that was cut
+short resumes its Train run from its last checkpoint and continues its MLflow child run. A diverged trial is
+recorded as failed, not retried: the same steps would diverge again.
+
+Layout of run.dir: the Tune experiment (trial directories, experiment state), trials/ (the Train runs),
+results.csv, fit.json, loss_vs_compute.png, best_lr.png, fit_params.png, fit_flops.png.
+"""
+
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+
+from ..config import Config, ConfigError, _check, _coerce, _one_of, _reject_unknown, apply_overrides
+from ..tracking import MLflowTracker, ensure_experiment
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = ("fifo", "asha")
+SWEEP_TAG = "scmlab.sweep"
+TRIAL_TAG = "scmlab.trial"
+RESULTS, FIT = "results.csv", "fit.json"
+
+
+@dataclass
+class SweepConfig:
+    sizes: list[str] = field(default_factory=list)
+    """model.size presets to sweep (of the base's model.arch). A law with an irreducible term has 3 parameters:
+    sweep at least 3 sizes for a fit (with fewer the sweep runs and the fit is skipped, saying why)."""
+    lrs: list[float] = field(default_factory=list)
+    """optim.lr values to sweep at every size (the best per size enters the fit)."""
+    seeds: list[int] = field(default_factory=list)
+    """train.seed values (repeats of every size x lr); empty = the base's train.seed only."""
+    metric: str = "loss/mse"
+    """The logged metric whose final value the law is fitted to. It must be positive: `loss/mse` (the unweighted
+    diffusion loss), or `loss/mean` with objective.adaptive_weight=false (the adaptive-weighted loss can be
+    negative)."""
+    scheduler: str = "fifo"
+    """`fifo`: every trial to train.steps (the scaling grid); `asha`: stop poor learning rates early, for
+    learning-rate pre-sweeps only (stopping small models early biases a scaling fit)."""
+    grace_steps: int = 0
+    """ASHA: steps every trial trains before it can be stopped (0 = train.steps / 4)."""
+    max_concurrent_trials: int = 0
+    """Trials training at once; 0 = as many as the cluster's GPUs (or CPUs) hold train.workers x
+    train.cpus_per_worker for."""
+
+    def __post_init__(self):
+        for name in ("sizes", "lrs"):
+            values = getattr(self, name)
+            _check(len(values) > 0, f"sweep.{name} is required: a list, e.g. sweep.sizes=[tiny,small,base] "
+                                    "sweep.lrs=[1e-3,3e-3]")
+            _check(len(set(values)) == len(values), f"sweep.{name}: {values} has repeated values")
+        _check(len(set(self.seeds)) == len(self.seeds), f"sweep.seeds: {self.seeds} has repeated values")
+        _check(all(lr > 0 for lr in self.lrs), f"sweep.lrs: every learning rate must be > 0, got {self.lrs}")
+        _check(all(s >= 0 for s in self.seeds), f"sweep.seeds: seeds must be >= 0, got {self.seeds}")
+        _check(bool(self.metric), "sweep.metric: must not be empty (e.g. loss/mse)")
+        _one_of("sweep.scheduler", self.scheduler, SCHEDULERS)
+        _check(self.grace_steps >= 0, f"sweep.grace_steps: must be >= 0, got {self.grace_steps}")
+        _check(self.max_concurrent_trials >= 0,
+               f"sweep.max_concurrent_trials: must be >= 0 (0 = from the cluster's resources), got "
+               f"{self.max_concurrent_trials}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SweepConfig":
+        _check(isinstance(d, dict), f"sweep: expected a mapping of keys (sizes, lrs, ...), got {d!r}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        _reject_unknown(d, fields, "sweep.")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(f"sweep.{k}", v, hints[k]) for k, v in d.items()})
+
+    def check(self, base: Config) -> None:
+        """What the sweep needs of the base config (errors name the field to change)."""
+        from ..nets import PRESETS
+
+        presets = PRESETS[base.model.arch]
+        unknown = [s for s in self.sizes if s not in presets]
+        _check(not unknown, f"sweep.sizes: {unknown} are not {base.model.arch} presets; choose from "
+                            f"{', '.join(presets)}")
+        _check(base.train.workers >= 1, "train.workers: a sweep trial is a Ray Train run; set train.workers >= 1")
+        _check(base.tracking.kind == "mlflow",
+               "tracking.uri: a sweep logs its trials and its fit to MLflow; set tracking.uri (or MLFLOW_TRACKING_URI; "
+               "`scmlab services up` prints it; a sqlite:///path URI needs no server)")
+        if self.metric == "loss/mean":
+            _check(not base.objective.adaptive_weight,
+                   "sweep.metric: loss/mean is the adaptive-weighted loss, which can be negative; set "
+                   "objective.adaptive_weight=false, or sweep.metric=loss/mse with objective.kind=diffusion")
+        elif self.metric == "loss/mse":
+            _check(base.objective.kind == "diffusion",
+                   f"sweep.metric: loss/mse is logged by objective.kind=diffusion only, not {base.objective.kind}; "
+                   "use sweep.metric=loss/mean with objective.adaptive_weight=false")
+        else:
+            _check(self.metric.startswith("loss/bin"),
+                   f"sweep.metric: {self.metric!r} is not a positive training metric; use loss/mse (diffusion) or "
+                   "loss/mean (with objective.adaptive_weight=false)")
+
+    def grid(self, base: Config) -> list["Trial"]:
+        seeds = self.seeds or [base.train.seed]
+        return [Trial(size, lr, seed) for size, lr, seed in itertools.product(self.sizes, self.lrs, seeds)]
+
+
+@dataclass(frozen=True)
+class Trial:
+    size: str
+    lr: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """Deterministic, so that a restarted sweep finds the trial's Train run, MLflow run and record again."""
+        return f"{self.size}-lr{self.lr:g}-seed{self.seed}"
+
+
+def load_sweep(path: str, overrides: list[str] = ()) -> tuple[Config, SweepConfig]:
+    """Read a sweep config (a training config plus a `sweep` section), apply `section.key=value` overrides
+    (`sweep.lrs=[1e-4,3e-4]` too) and validate it all, before any Ray or MLflow resource is requested."""
+    import yaml
+
+    with open(path) as f:
+        d = yaml.safe_load(f) or {}
+    _check(isinstance(d, dict), f"{path}: expected a mapping of sections (data, model, ..., sweep)")
+    sweep_d = dict(d.pop("sweep", None) or {})
+    _check(bool(sweep_d), f"{path}: the `sweep` section is missing (sweep.sizes, sweep.lrs, ...); a plain training "
+                          "config runs with `scmlab train`")
+    rest = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if key.strip().startswith("sweep."):
+            _check(bool(sep), f"override {item!r}: expected sweep.key=value")
+            sweep_d[key.strip().removeprefix("sweep.")] = yaml.safe_load(raw) if raw.strip() else None
+        else:
+            rest.append(item)
+    base = Config.from_dict(apply_overrides(d, rest))
+    sweep = SweepConfig.from_dict(sweep_d)
+    sweep.check(base)
+    return base, sweep
+
+
+def trial_config(base: Config, trial: Trial) -> Config:
+    """The base config at one grid point: its size, lr and seed, its run directory and Train run under the
+    sweep's."""
+    from ..train import distributed
+
+    sweep_uri = distributed.location(base)[2]
+    d = base.to_dict()
+    d["model"]["size"], d["optim"]["lr"], d["train"]["seed"] = trial.size, trial.lr, trial.seed
+    d["run"] = {"dir": os.path.join(os.path.abspath(base.run.dir), "trials", trial.name), "name": trial.name,
+                "storage": f"{sweep_uri}/trials"}
+    return Config.from_dict(d)
+
+
+def compute(config: Config, manifest: dict) -> dict:
+    """Compute accounting of a trial (scmlab.tune.flops): parameters, training FLOPs per sample and per step (the
+    global batch), and in total for train.steps."""
+    from . import flops
+
+    shape, num_classes = tuple(manifest["shape"]), int(manifest.get("num_classes", 0))
+    per_sample = flops.train_flops_per_sample(config.model, config.objective.kind, shape, num_classes,
+                                              cfg_guidance=config.objective.guidance_scale != 1.0,
+                                              jvp=config.objective.jvp)
+    per_step = per_sample * config.train.batch_size
+    return {"params": flops.parameter_count(config.model, shape, num_classes), "flops_per_sample": per_sample,
+            "flops_per_step": per_step, "total_flops": per_step * config.train.steps}
+
+
+def run(base: Config, sweep: SweepConfig) -> dict:
+    """Run the sweep to the end (resuming a recorded one) and fit the law. Returns {"trials": names trained now,
+    "reused": names found recorded, "results": path of the table, "fit": the fit summary (see `analyse`),
+    "mlflow_run_id": the parent run}."""
+    from ..train import distributed
+    from ..train.loop import check_inputs
+    from .scaling import read_results
+
+    manifest = check_inputs(base)
+    grid = sweep.grid(base)
+    configs = {t.name: trial_config(base, t) for t in grid}
+    accounting = {size: compute(next(c for t, c in zip(grid, configs.values()) if t.size == size), manifest)
+                  for size in sweep.sizes}
+    for size, c in accounting.items():
+        log.info("%s: %.3gM parameters, %.3g training FLOPs per step, %.3g per trial", size, c["params"] / 1e6,
+                 c["flops_per_step"], c["total_flops"])
+
+    out_dir = os.path.abspath(base.run.dir)
+    os.makedirs(out_dir, exist_ok=True)
+    results_path = os.path.join(out_dir, RESULTS)
+    recorded = {row.trial: row for row in read_results(results_path)} if os.path.exists(results_path) else {}
+    todo = [t for t in grid if t.name not in recorded]
+    reused = [t.name for t in grid if t.name in recorded]
+    if reused:
+        log.info("%d trial(s) already recorded in %s, not rerun: %s", len(reused), results_path, ", ".join(reused))
+
+    uri = base.tracking.uri
+    experiment_id = ensure_experiment(uri, base.tracking.experiment)
+    sweep_key = distributed.location(base)[2]
+    parent_id = _find_or_create(uri, experiment_id, SWEEP_TAG, sweep_key, base.run.name)
+    parent = MLflowTracker(uri, run_id=parent_id)
+    with parent:
+        parent.log_params({"sweep": dataclasses.asdict(sweep), **base.to_dict()})
+        parent.log_params({"compute": {size: c for size, c in accounting.items()}})
+        children = {t.name: _find_or_create(uri, experiment_id, TRIAL_TAG, distributed.location(configs[t.name])[2],
+                                            t.name, parent_id=parent_id) for t in grid}
+        if todo:
+            specs = [_spec(t, configs[t.name], sweep.metric, accounting[t.size], uri, experiment_id,
+                           children[t.name]) for t in todo]
+            _tune(base, sweep, specs, recorded, results_path)
+        rows = [recorded[t.name] for t in grid if t.name in recorded]
+        missing = [t.name for t in grid if t.name not in recorded]
+        if missing:
+            raise RuntimeError(f"trials {missing} did not finish (see the Tune output above); rerun the same "
+                               "command to resume them")
+        fit = analyse(rows, _curves(uri, grid, children, sweep.metric, accounting), out_dir, sweep.metric)
+        for name in (RESULTS, FIT, *fit["plots"]):
+            parent.log_artifact(os.path.join(out_dir, name))
+        parent.log_metrics({f"fit/{against}/{k}": v for against, s in fit["fits"].items() if "error" not in s
+                            for k, v in s.items() if isinstance(v, (int, float))}, step=0)
+        parent.set_tags({"scmlab.fit": json.dumps({a: s.get("error", "ok") for a, s in fit["fits"].items()})[:5000]})
+    return {"trials": [t.name for t in todo], "reused": reused, "results": results_path, "fit": fit,
+            "mlflow_run_id": parent_id}
+
+
+def _find_or_create(uri: str, experiment_id: str, tag: str, key: str, name: str, parent_id: str | None = None) -> str:
+    """The MLflow run tagged `tag`=`key` (a restarted sweep continues it), else a new one (under `parent_id`). Only
+    the driver creates runs: concurrent creation races on the server's sqlite store."""
+    from mlflow import MlflowClient
+
+    found = MlflowClient(uri).search_runs([experiment_id], filter_string=f"tags.`{tag}` = '{key}'",
+                                         order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        return found[0].info.run_id
+    tracker = MLflowTracker(uri, experiment_id=experiment_id, run_name=name, parent_run_id=parent_id,
+                            tags={tag: key})
+    return tracker.run_id
+
+
+def _spec(trial: Trial, config: Config, metric: str, accounting: dict, uri: str, experiment_id: str,
+          run_id: str) -> dict:
+    """What a Tune trial receives: plain values only."""
+    return {"name": trial.name, "metric": metric, "size": trial.size, "lr": trial.lr, "seed": trial.seed, "config": config.to_dict(),
+            "compute": accounting, "target": {"uri": uri, "experiment_id": experiment_id, "run_id": run_id,
+                                              "system_metrics": config.tracking.system_metrics}}
+
+
+def max_concurrent(base: Config, sweep: SweepConfig, resources: dict, gpu: bool, num_trials: int) -> int:
+    """sweep.max_concurrent_trials, or the trials whose workers the cluster holds at once (at least 1): Train runs
+    wait for all their workers, so more trial drivers than that would only queue."""
+    if sweep.max_concurrent_trials:
+        return sweep.max_concurrent_trials
+    if gpu:
+        fits = resources.get("GPU", 0) // base.train.workers
+    else:
+        fits = resources.get("CPU", 0) // (base.train.workers * base.train.cpus_per_worker)
+    return max(1, min(num_trials, int(fits)))
+
+
+def _tune(base: Config, sweep: SweepConfig, specs: list[dict], recorded: dict, results_path: str) -> None:
+    """Run the trials of `specs` with Ray Tune; `recorded` and results.csv gain a row as each trial completes."""
+    import ray
+    from ray import tune
+
+    from ..train import distributed
+    from .scaling import COLUMNS, TrialResult, write_results
+
+    distributed.connect()
+    gpu = distributed.use_gpu(base)
+    concurrent = max_concurrent(base, sweep, ray.cluster_resources(), gpu, len(specs))
+    storage_path, filesystem, uri = distributed.location(base)
+    scheduler = None
+    if sweep.scheduler == "asha":
+        scheduler = tune.schedulers.ASHAScheduler(time_attr="step", max_t=base.train.steps,
+                                                  grace_period=sweep.grace_steps or max(1, base.train.steps // 4))
+    log.info("sweep %s: %d trial(s), %d at a time, %s scheduler, metric %s", uri, len(specs), concurrent,
+             sweep.scheduler, sweep.metric)
+
+    class Recorder(tune.Callback):
+        """Writes each trial's row to results.csv as it completes (in the driver), so a restart skips it."""
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            if "status" not in result:  # stopped by ASHA between reports: its last reported metric
+                spec = trial.config["trial"]
+                step = int(result.get("step", 0))
+                result = {"trial": spec["name"], "size": spec["size"], "params": spec["compute"]["params"],
+                          "lr": spec["lr"], "seed": spec["seed"], "status": "ok",
+                          "final_loss": float(result.get(sweep.metric, math.nan)),
+                          "flops": float(spec["compute"]["flops_per_step"] * step),
+                          "reason": f"stopped by ASHA at step {step}"}
+            self._record(TrialResult(**{k: result[k] for k in COLUMNS}))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            spec, error = trial.config["trial"], trial.get_error()
+            message = str(error).strip().splitlines()[-1] if error else "see the Tune output"
+            self._record(TrialResult(spec["name"], spec["size"], spec["compute"]["params"], spec["lr"], spec["seed"],
+                                     "failed", reason=f"trial error: {message[:500]} ({trial.error_file})"))
+
+        def _record(self, row):
+            recorded[row.trial] = row
+            write_results(list(recorded.values()), results_path)
+            log.info("trial %s: %s %s", row.trial, row.status, row.reason or f"{sweep.metric}={row.final_loss:.4g}")
+
+    tuner = tune.Tuner(
+        tune.with_resources(_trial, {"CPU": 0, "memory": 1}),  # the trial drives its Train run: no CPU of its own
+        param_space={"trial": tune.grid_search(specs)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, scheduler=scheduler,
+                                    metric=sweep.metric if scheduler else None, mode="min" if scheduler else None,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(name=base.run.name, storage_path=storage_path, storage_filesystem=filesystem,
+                                  callbacks=[Recorder()], verbose=1),
+    )
+    tuner.fit()
+
+
+def _trial_name(trial) -> str:
+    return trial.config["trial"]["name"]
+
+
+def _trial(tune_config: dict) -> None:
+    """A Tune trial: the driver of one grid point's Ray Train run (Train V2 pattern). A diverged or failed run is
+    reported as a failed row with its reason (the MLflow child ends FAILED); the sweep goes on."""
+    spec = tune_config["trial"]
+    config = Config.from_dict(spec["config"])
+    import ray.train
+    from ray import tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ..train import distributed
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    target, accounting = spec["target"], spec["compute"]
+    context = tune.get_context()
+    child = MLflowTracker(target["uri"], run_id=target["run_id"])
+    child.log_params({"compute": accounting})
+    child.set_tags({"ray.trial_id": context.get_trial_id(), "ray.trial_name": context.get_trial_name(),
+                    "ray.trial_dir": context.get_trial_dir(), "ray.train_run": distributed.location(config)[2]})
+
+    storage_path, filesystem, run_uri = distributed.location(config)
+    gpu = distributed.use_gpu(config)
+    trainer = TorchTrainer(
+        distributed._worker,
+        train_loop_config={"config": config.to_dict(), "run_uri": run_uri, "target": target},
+        scaling_config=ScalingConfig(num_workers=config.train.workers, use_gpu=gpu,
+                                     resources_per_worker={"CPU": config.train.cpus_per_worker}),
+        run_config=RunConfig(
+            name=config.run.name, storage_path=storage_path, storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints or None),
+            failure_config=FailureConfig(max_failures=config.train.max_failures),
+            callbacks=[TuneReportCallback()]),
+    )
+    metric, final = spec["metric"], math.nan
+    try:
+        summary = trainer.fit().return_value
+        reason = summary.get("diverged", "")
+        final = float(summary.get("metrics", {}).get(metric, math.nan))
+    except ray.train.TrainingFailedError as e:  # workers failed train.max_failures + 1 times
+        reason = str(e).strip().splitlines()[0][:500]
+    steps = _last_step(target["uri"], target["run_id"])
+    row = {"trial": spec["name"], "size": spec["size"], "params": accounting["params"], "lr": spec["lr"],
+           "seed": spec["seed"], "status": "failed" if reason else "ok", "final_loss": final,
+           "flops": float(accounting["flops_per_step"] * steps), "reason": reason}
+    child.log_metrics({"compute/flops": row["flops"], **({f"final/{metric}": final} if not reason else {})},
+                      step=steps)
+    if reason:
+        child.set_tags({"scmlab.failure": reason[:5000]})
+    child.finish("FAILED" if reason else "FINISHED")
+    tune.report({**row, "step": steps})
+
+
+def _last_step(uri: str, run_id: str) -> int:
+    """The last training step the run logged (a failed run's FLOPs are counted up to there)."""
+    from mlflow import MlflowClient
+
+    history = MlflowClient(uri).get_metric_history(run_id, "train/step")
+    return int(max((m.value for m in history), default=0))
+
+
+def _curves(uri: str, grid: list[Trial], children: dict, metric: str, accounting: dict) -> list:
+    """Each trial's logged `metric` against its cumulative training FLOPs (step x FLOPs per step)."""
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from .scaling import Curve
+
+    client, curves = MlflowClient(uri), []
+    for t in grid:
+        history = sorted((m.step, m.value) for m in client.get_metric_history(children[t.name], metric))
+        if history:
+            steps, values = map(np.array, zip(*history))
+            curves.append(Curve(t.name, t.size, steps * float(accounting[t.size]["flops_per_step"]), values))
+    return curves
+
+
+def analyse(rows: list, curves: list, out_dir: str, metric: str) -> dict:
+    """The results table, the law fitted against parameters and against FLOPs (failed trials left out and named),
+    and the plots, in out_dir. Returns {"fits": {"params": summary | {"error"}, "flops": ...}, "plots": [names]}.
+    A fit that cannot be made (fewer than 3 sizes with a finished trial) is skipped with its reason."""
+    from . import plots
+    from .scaling import compute_frontier, fit_scaling_law, write_results
+
+    write_results(rows, os.path.join(out_dir, RESULTS))
+    fits, fitted, names = {}, {}, []
+    for against, xlabel in (("params", "parameters"), ("flops", "training FLOPs")):
+        try:
+            fit = fit_scaling_law(rows, against=against)
+        except ValueError as e:
+            log.warning("no fit against %s: %s", against, e)
+            fits[against] = {"error": str(e)}
+            continue
+        fitted[against] = fit
+        fits[against] = {**fit.summary(), "left_out": [f"{k}: {r}" for k, r in fit.left_out],
+                         "notes": list(fit.notes)}
+        for label, reason in fit.left_out:
+            log.warning("fit against %s leaves out %s: %s", against, label, reason)
+        names.append(os.path.basename(plots.plot_fit(fit, os.path.join(out_dir, f"fit_{against}.png"),
+                                                     xlabel=xlabel, ylabel=f"final {metric}")))
+    if curves:
+        frontier = compute_frontier(curves)
+        names.append(os.path.basename(plots.plot_loss_vs_compute(
+            curves, os.path.join(out_dir, "loss_vs_compute.png"), frontier=frontier, fit=fitted.get("flops"),
+            ylabel=metric)))
+    names.append(os.path.basename(plots.plot_best_lr(rows, os.path.join(out_dir, "best_lr.png"))))
+    with open(os.path.join(out_dir, FIT), "w") as f:
+        json.dump({"metric": metric, "fits": fits}, f, indent=2)
+    return {"fits": fits, "plots": names}
