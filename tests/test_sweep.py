@@ -1,6 +1,7 @@
 """Scaling sweeps: config parsing and validation before any resource, concurrency from resources, the analysis of
-a results table, and a real tiny sweep on local Ray with the local MLflow server (conftest's `local_services`): parent and child runs nested, table and plots logged, a diverging trial recorded as failed, and a
-restarted sweep with a larger grid that does not rerun its recorded trial."""
+a results table, and a real tiny sweep on local Ray with the local MLflow server (conftest's `local_services`):
+parent and child runs nested, table and plots logged, a diverging trial recorded as failed, and a restarted sweep
+with a larger grid that does not rerun its recorded trial."""
 
 import csv
 import math

@@ -30,7 +30,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 
-from ..config import Config, ConfigError, _check, _coerce, _one_of, _reject_unknown, apply_overrides
+from ..config import Config, _check, _coerce, _one_of, _reject_unknown, apply_overrides
 from ..tracking import MLflowTracker, ensure_experiment
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ SCHEDULERS = ("fifo", "asha")
 SWEEP_TAG = "scmlab.sweep"
 TRIAL_TAG = "scmlab.trial"
 RESULTS, FIT = "results.csv", "fit.json"
+ASHA_METRIC = "loss/mean"  # what scmlab.train.distributed.RayCheckpoints reports to Train (and so to Tune)
 
 
 @dataclass
@@ -56,7 +57,9 @@ class SweepConfig:
     negative)."""
     scheduler: str = "fifo"
     """`fifo`: every trial to train.steps (the scaling grid); `asha`: stop poor learning rates early, for
-    learning-rate pre-sweeps only (stopping small models early biases a scaling fit)."""
+    learning-rate pre-sweeps only (stopping small models early biases a scaling fit). ASHA ranks trials by the
+    training loss `loss/mean` that the Train run reports at its checkpoint steps (train.checkpoint_every sets how
+    often it can decide); the table still records sweep.metric."""
     grace_steps: int = 0
     """ASHA: steps every trial trains before it can be stopped (0 = train.steps / 4)."""
     max_concurrent_trials: int = 0
@@ -184,7 +187,7 @@ def compute(config: Config, manifest: dict) -> dict:
 def run(base: Config, sweep: SweepConfig) -> dict:
     """Run the sweep to the end (resuming a recorded one) and fit the law. Returns {"trials": names trained now,
     "reused": names found recorded, "results": path of the table, "fit": the fit summary (see `analyse`),
-    "mlflow_run_id": the parent run}."""
+    "mlflow_run_id" and "mlflow_url": the parent run}."""
     from ..train import distributed
     from ..train.loop import check_inputs
     from .scaling import read_results
@@ -232,8 +235,9 @@ def run(base: Config, sweep: SweepConfig) -> dict:
         parent.log_metrics({f"fit/{against}/{k}": v for against, s in fit["fits"].items() if "error" not in s
                             for k, v in s.items() if isinstance(v, (int, float))}, step=0)
         parent.set_tags({"scmlab.fit": json.dumps({a: s.get("error", "ok") for a, s in fit["fits"].items()})[:5000]})
+    url = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{parent_id}"
     return {"trials": [t.name for t in todo], "reused": reused, "results": results_path, "fit": fit,
-            "mlflow_run_id": parent_id}
+            "mlflow_run_id": parent_id, "mlflow_url": url}
 
 
 def _find_or_create(uri: str, experiment_id: str, tag: str, key: str, name: str, parent_id: str | None = None) -> str:
@@ -253,7 +257,8 @@ def _find_or_create(uri: str, experiment_id: str, tag: str, key: str, name: str,
 def _spec(trial: Trial, config: Config, metric: str, accounting: dict, uri: str, experiment_id: str,
           run_id: str) -> dict:
     """What a Tune trial receives: plain values only."""
-    return {"name": trial.name, "metric": metric, "size": trial.size, "lr": trial.lr, "seed": trial.seed, "config": config.to_dict(),
+    return {"name": trial.name, "metric": metric, "size": trial.size, "lr": trial.lr, "seed": trial.seed,
+            "config": config.to_dict(),
             "compute": accounting, "target": {"uri": uri, "experiment_id": experiment_id, "run_id": run_id,
                                               "system_metrics": config.tracking.system_metrics}}
 
@@ -273,6 +278,7 @@ def max_concurrent(base: Config, sweep: SweepConfig, resources: dict, gpu: bool,
 def _tune(base: Config, sweep: SweepConfig, specs: list[dict], recorded: dict, results_path: str) -> None:
     """Run the trials of `specs` with Ray Tune; `recorded` and results.csv gain a row as each trial completes."""
     import ray
+    from mlflow import MlflowClient
     from ray import tune
 
     from ..train import distributed
@@ -284,8 +290,9 @@ def _tune(base: Config, sweep: SweepConfig, specs: list[dict], recorded: dict, r
     storage_path, filesystem, uri = distributed.location(base)
     scheduler = None
     if sweep.scheduler == "asha":
-        scheduler = tune.schedulers.ASHAScheduler(time_attr="step", max_t=base.train.steps,
-                                                  grace_period=sweep.grace_steps or max(1, base.train.steps // 4))
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="step", metric=ASHA_METRIC, mode="min", max_t=base.train.steps,
+            grace_period=sweep.grace_steps or max(1, base.train.steps // 4))
     log.info("sweep %s: %d trial(s), %d at a time, %s scheduler, metric %s", uri, len(specs), concurrent,
              sweep.scheduler, sweep.metric)
 
@@ -294,9 +301,10 @@ def _tune(base: Config, sweep: SweepConfig, specs: list[dict], recorded: dict, r
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
-            if "status" not in result:  # stopped by ASHA between reports: its last reported metric
+            if "status" not in result:  # stopped by ASHA: its last report, and its MLflow child ends KILLED
                 spec = trial.config["trial"]
                 step = int(result.get("step", 0))
+                MlflowClient(spec["target"]["uri"]).set_terminated(spec["target"]["run_id"], status="KILLED")
                 result = {"trial": spec["name"], "size": spec["size"], "params": spec["compute"]["params"],
                           "lr": spec["lr"], "seed": spec["seed"], "status": "ok",
                           "final_loss": float(result.get(sweep.metric, math.nan)),
@@ -319,7 +327,6 @@ def _tune(base: Config, sweep: SweepConfig, specs: list[dict], recorded: dict, r
         tune.with_resources(_trial, {"CPU": 0, "memory": 1}),  # the trial drives its Train run: no CPU of its own
         param_space={"trial": tune.grid_search(specs)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, scheduler=scheduler,
-                                    metric=sweep.metric if scheduler else None, mode="min" if scheduler else None,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name=base.run.name, storage_path=storage_path, storage_filesystem=filesystem,
                                   callbacks=[Recorder()], verbose=1),
@@ -366,7 +373,7 @@ def _trial(tune_config: dict) -> None:
             failure_config=FailureConfig(max_failures=config.train.max_failures),
             callbacks=[TuneReportCallback()]),
     )
-    metric, final = spec["metric"], math.nan
+    metric, final, summary = spec["metric"], math.nan, {}
     try:
         summary = trainer.fit().return_value
         reason = summary.get("diverged", "")
@@ -382,7 +389,7 @@ def _trial(tune_config: dict) -> None:
     if reason:
         child.set_tags({"scmlab.failure": reason[:5000]})
     child.finish("FAILED" if reason else "FINISHED")
-    tune.report({**row, "step": steps})
+    tune.report({**row, "step": steps, ASHA_METRIC: float(summary.get("metrics", {}).get(ASHA_METRIC, math.nan))})
 
 
 def _last_step(uri: str, run_id: str) -> int:
