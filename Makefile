@@ -5,8 +5,9 @@ TORCH ?= torch==2.13.0
 DEVICE ?= cpu
 STAMP := build/install.stamp
 DEMO := runs/demo
+SWEEP_DEMO := runs/sweep-demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo sweep-demo bench clean
 
 install: $(STAMP)
 
@@ -23,9 +24,18 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PYTHON) jobs/demo.py --out $(DEMO)
 
+# A real scaling sweep on one machine: local S3 + MLflow servers, the 2-D toy mixture, 3 MLP sizes x 2 learning rates
+# on Ray Tune (a local Ray, 2 trials at a time; ~10 minutes on 2 cores), the fitted law and plots in the MLflow parent
+# run and in $(SWEEP_DEMO)/sweep. Rerunning resumes: finished trials are not rerun.
+sweep-demo: $(STAMP)
+	$(PYTHON) -m scmlab.cli services up
+	$(PYTHON) -m scmlab.cli prepare toy-gmm --out $(SWEEP_DEMO)/shards
+	RAY_ADDRESS=local $(PYTHON) -m scmlab.cli services run -- $(PYTHON) jobs/sweep.py \
+		--config jobs/configs/sweep-toy.yaml data.train=$(SWEEP_DEMO)/shards run.dir=$(SWEEP_DEMO)/sweep
+
 bench: $(STAMP)
 	@mkdir -p runs
 	$(PYTHON) jobs/bench.py --suite step --device $(DEVICE) --json runs/bench-$(DEVICE).json
 
 clean:
-	rm -rf $(DEMO) $(STAMP)
+	rm -rf $(DEMO) $(SWEEP_DEMO) $(STAMP)

@@ -3,6 +3,7 @@
     scmlab prepare digits --out shards/digits
     scmlab train --config jobs/configs/digits-sct.yaml run.dir=runs/digits train.steps=2000
     scmlab sample --checkpoint runs/digits --steps 2 --n 64 --out samples.npz --grid samples.png
+    scmlab sweep --config jobs/configs/sweep-toy.yaml  # sizes x learning rates on Ray Tune, scaling law in MLflow
     scmlab services up                       # S3 (SeaweedFS) + MLflow on 127.0.0.1; prints endpoints and the UI URL
     scmlab services run -- ray start --head  # a command with the services' client environment (credentials too)
 """
@@ -75,6 +76,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .npz")
     s.add_argument("--grid", help="also write a PNG grid (scatter plot for vectors)")
     s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("sweep", help="scaling sweep: model sizes x learning rates on Ray Tune, the law in MLflow",
+                       description="Sweep sweep.sizes x sweep.lrs (x sweep.seeds) of a training config on Ray Tune, "
+                                   "each trial a Ray Train run, one MLflow child run per trial under the sweep's "
+                                   "parent run, which gets the results table, the fitted scaling law and plots "
+                                   "(scmlab.tune.sweep). Rerun the same command to resume: recorded trials are not "
+                                   "rerun.",
+                       epilog="example: scmlab sweep --config jobs/configs/sweep-toy.yaml sweep.lrs=[1e-3,3e-3] "
+                              "train.steps=500")
+    s.add_argument("--config", required=True,
+                   help="YAML sweep config: a training config plus a `sweep` section (jobs/configs/sweep-*.yaml)")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="override a config or sweep field, e.g. sweep.sizes=[tiny,small] train.steps=100")
+    s.add_argument("--summary-json", help="write the summary (trials, results table, fits, MLflow parent run) here")
+    s.add_argument("--dry-run", action="store_true", help="print the resolved config and the trial names, and exit")
+    s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("services", help="start, stop or show the local object store and MLflow server",
                        description="The embedded SeaweedFS (S3) and MLflow servers on 127.0.0.1 (scmlab.services). "
@@ -185,6 +202,34 @@ def cmd_sample(args) -> int:
     if args.grid:
         save_grid(samples, args.grid, manifest["kind"])
         log.info("grid -> %s", args.grid)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    import dataclasses
+
+    import yaml
+
+    from .tune import sweep
+
+    base, config = sweep.load_sweep(args.config, args.overrides)
+    if args.dry_run:
+        resolved = {**base.to_dict(), "sweep": dataclasses.asdict(config),
+                    "trials": [t.name for t in config.grid(base)]}
+        sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
+        return 0
+    summary = sweep.run(base, config)
+    if args.summary_json:
+        with open(args.summary_json, "w") as f:
+            json.dump(summary, f, indent=2)
+    for against, fit in summary["fit"]["fits"].items():
+        if "error" in fit:
+            log.warning("no law against %s: %s", against, fit["error"])
+        else:
+            log.info("%s = %.4g + %.4g %s^-%.4g (alpha +- %.2g, E +- %.2g; %d points, %d trials left out)",
+                     config.metric, fit["E"], fit["A"], against, fit["alpha"], fit["alpha_err"], fit["E_err"],
+                     fit["n"], len(fit["left_out"]))
+    log.info("results %s; MLflow parent run %s", summary["results"], summary["mlflow_url"])
     return 0
 
 
