@@ -195,7 +195,7 @@ def run(base: Config, sweep: SweepConfig) -> dict:
     manifest = check_inputs(base)
     grid = sweep.grid(base)
     configs = {t.name: trial_config(base, t) for t in grid}
-    accounting = {size: compute(next(c for t, c in zip(grid, configs.values()) if t.size == size), manifest)
+    accounting = {size: compute(next(configs[t.name] for t in grid if t.size == size), manifest)
                   for size in sweep.sizes}
     for size, c in accounting.items():
         log.info("%s: %.3gM parameters, %.3g training FLOPs per step, %.3g per trial", size, c["params"] / 1e6,
@@ -233,7 +233,7 @@ def run(base: Config, sweep: SweepConfig) -> dict:
         for name in (RESULTS, FIT, *fit["plots"]):
             parent.log_artifact(os.path.join(out_dir, name))
         parent.log_metrics({f"fit/{against}/{k}": v for against, s in fit["fits"].items() if "error" not in s
-                            for k, v in s.items() if isinstance(v, (int, float))}, step=0)
+                            for k, v in s.items() if isinstance(v, (int, float)) and math.isfinite(v)}, step=0)
         parent.set_tags({"scmlab.fit": json.dumps({a: s.get("error", "ok") for a, s in fit["fits"].items()})[:5000]})
     url = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{parent_id}"
     return {"trials": [t.name for t in todo], "reused": reused, "results": results_path, "fit": fit,
