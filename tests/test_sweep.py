@@ -150,3 +150,15 @@ def test_tiny_sweep_on_ray_with_mlflow_resumes_without_rerunning(local_ray, loca
     assert "tiny-lr1e+06-seed0: failed" in second["fit"]["fits"]["params"]["error"]
     with open(second["results"]) as f:
         assert len(list(csv.DictReader(f))) == 2
+
+
+def test_cli_dry_run_lists_the_trials_and_a_bad_field_exits_2(toy_shards, tmp_path, capsys):
+    from scmlab import cli
+
+    path = write_sweep(tmp_path / "s.yaml", toy_shards, tmp_path / "run")
+    assert cli.main(["sweep", "--config", path, "--dry-run", "sweep.lrs=[1e-3,3e-3]"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["trials"] == ["tiny-lr0.001-seed0", "tiny-lr0.003-seed0"]
+    assert resolved["sweep"]["scheduler"] == "fifo" and resolved["model"]["arch"] == "mlp"
+    assert cli.main(["sweep", "--config", path, "sweep.scheduler=grid"]) == 2
+    assert not (tmp_path / "run").exists()  # refused before anything was made

@@ -222,10 +222,8 @@ def cmd_sweep(args) -> int:
     if args.summary_json:
         with open(args.summary_json, "w") as f:
             json.dump(summary, f, indent=2)
-    for against, fit in summary["fit"]["fits"].items():
-        if "error" in fit:
-            log.warning("no law against %s: %s", against, fit["error"])
-        else:
+    for against, fit in summary["fit"]["fits"].items():  # a fit that could not be made was logged with its reason
+        if "error" not in fit:
             log.info("%s = %.4g + %.4g %s^-%.4g (alpha +- %.2g, E +- %.2g; %d points, %d trials left out)",
                      config.metric, fit["E"], fit["A"], against, fit["alpha"], fit["alpha_err"], fit["E_err"],
                      fit["n"], len(fit["left_out"]))

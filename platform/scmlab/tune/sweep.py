@@ -315,6 +315,7 @@ def _tune(base: Config, sweep: SweepConfig, specs: list[dict], recorded: dict, r
         def on_trial_error(self, iteration, trials, trial, **info):
             spec, error = trial.config["trial"], trial.get_error()
             message = str(error).strip().splitlines()[-1] if error else "see the Tune output"
+            MlflowClient(spec["target"]["uri"]).set_terminated(spec["target"]["run_id"], status="FAILED")
             self._record(TrialResult(spec["name"], spec["size"], spec["compute"]["params"], spec["lr"], spec["seed"],
                                      "failed", reason=f"trial error: {message[:500]} ({trial.error_file})"))
 
@@ -354,13 +355,12 @@ def _trial(tune_config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     target, accounting = spec["target"], spec["compute"]
+    storage_path, filesystem, run_uri = distributed.location(config)
     context = tune.get_context()
     child = MLflowTracker(target["uri"], run_id=target["run_id"])
     child.log_params({"compute": accounting})
     child.set_tags({"ray.trial_id": context.get_trial_id(), "ray.trial_name": context.get_trial_name(),
-                    "ray.trial_dir": context.get_trial_dir(), "ray.train_run": distributed.location(config)[2]})
-
-    storage_path, filesystem, run_uri = distributed.location(config)
+                    "ray.trial_dir": context.get_trial_dir(), "ray.train_run": run_uri})
     gpu = distributed.use_gpu(config)
     trainer = TorchTrainer(
         distributed._worker,
