@@ -1,4 +1,13 @@
-"""Shared fixtures: tiny shard datasets (written once per session) and debug-size configs over them."""
+"""Shared fixtures: tiny shard datasets (written once per session), debug-size configs over them, and the servers
+that integration tests share: the local S3 + MLflow services and a Ray head (one of each per session)."""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+from unittest import mock
 
 import pytest
 
@@ -43,3 +52,117 @@ def tiny_config(shards: str, run_dir, **sections) -> Config:
 @pytest.fixture
 def make_config():
     return tiny_config
+
+
+# ---- servers shared by the whole session: the local S3 + MLflow services, and a Ray head ---------------------------
+
+# A driver joining a Ray cluster with token authentication (`ray start --head`'s default, and what a new local
+# ray.init() turns on) must say so before Ray reads its configuration, which happens once per process.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ray: tests that run Ray Train or Ray jobs on the session's local Ray head")
+
+
+@pytest.fixture(scope="session")
+def local_services(tmp_path_factory):
+    """SeaweedFS + MLflow server in a temporary home for the whole session:
+    {"home": Path, "storage": state, "mlflow": state, "env": env_for_clients(home)}."""
+    from scmlab import services
+
+    home = tmp_path_factory.mktemp("scmlab-home")
+    started = services.services_up(home)
+    try:
+        yield {"home": home, **started, "env": services.env_for_clients(home)}
+    finally:
+        services.services_down(home)
+
+
+# In the environment of the session's Ray processes, as a credential would be: it must never reach MLflow or a log.
+RAY_SECRET = ("SCMLAB_TEST_SECRET_KEY", "s3cr3t-" + os.urandom(12).hex())
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(local_services):
+    """`ray start --head` on 127.0.0.1 (dashboard and job API on 127.0.0.1 too) with the services' client environment
+    in its processes, as cluster.yaml gives a cluster's nodes; this process joins it as a driver, shipping the
+    scmlab package as scmlab.train.distributed.connect does. {"address", "dashboard", "temp_dir"}.
+
+    Stopped by killing its process group: `ray stop` would stop every Ray on the machine."""
+    import ray
+
+    from scmlab.train.distributed import PACKAGE_DIR
+
+    temp_dir = tempfile.mkdtemp(prefix="scmlab-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    # Every port chosen free: another Ray on this machine holds the defaults (the job agent's 52365, the client
+    # server's 10001, ...), and a clash leaves the job API without an agent.
+    ports = {name: _free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                             "dashboard-agent-grpc-port", "metrics-export-port",
+                                             "runtime-env-agent-port", "ray-client-server-port")}
+    env = {**os.environ, **local_services["env"], RAY_SECRET[0]: RAY_SECRET[1], "RAY_USAGE_STATS_ENABLED": "0"}
+    head = subprocess.Popen(["ray", "start", "--head", f"--temp-dir={temp_dir}", "--num-cpus=2",
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             *(f"--{name}={value}" for name, value in ports.items())],
+                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    port, dashboard = ports["port"], ports["dashboard-port"]
+    out = head.communicate(timeout=180)[0].decode(errors="replace")
+    try:
+        assert head.returncode == 0, out
+        ray.init(address=f"127.0.0.1:{port}", runtime_env={"py_modules": [PACKAGE_DIR]})
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "temp_dir": temp_dir}
+    finally:
+        ray.shutdown()
+        _kill_group(head.pid)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGTERM the processes of a process group, SIGKILL what is left after 10 s."""
+    import psutil
+
+    def members():
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+            except (psutil.Error, ProcessLookupError):
+                pass
+        return found
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        procs = members()
+        if not procs:
+            return
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        psutil.wait_procs(procs, timeout=wait)
+
+
+@pytest.fixture(scope="session")
+def s3_toy_shards(local_services) -> str:
+    """toy_shards' 512 vectors in the session's S3 server (4 shards): s3://scmlab/tests/toy-gmm."""
+    url = "s3://scmlab/tests/toy-gmm"
+    with client_env(local_services):
+        data.prepare("toy-gmm", url, shard_size=128, limit=512, progress=False)
+    return url
+
+
+@contextlib.contextmanager
+def client_env(local_services):
+    """This process as a client of the session's services (S3 endpoint and credentials, MLflow URI), undone after."""
+    from scmlab.data import s3
+
+    with mock.patch.dict(os.environ, local_services["env"]):
+        s3.configure_s3()  # drop S3 clients made with another environment
+        try:
+            yield
+        finally:
+            s3.configure_s3()
