@@ -187,7 +187,7 @@ def compute(config: Config, manifest: dict) -> dict:
 def run(base: Config, sweep: SweepConfig) -> dict:
     """Run the sweep to the end (resuming a recorded one) and fit the law. Returns {"trials": names trained now,
     "reused": names found recorded, "results": path of the table, "fit": the fit summary (see `analyse`),
-    "mlflow_run_id" and "mlflow_url": the parent run}."""
+    "mlflow_run_id" and "mlflow_url": the parent run (the URL None without a tracking server)}."""
     from ..train import distributed
     from ..train.loop import check_inputs
     from .scaling import read_results
@@ -235,7 +235,7 @@ def run(base: Config, sweep: SweepConfig) -> dict:
         parent.log_metrics({f"fit/{against}/{k}": v for against, s in fit["fits"].items() if "error" not in s
                             for k, v in s.items() if isinstance(v, (int, float)) and math.isfinite(v)}, step=0)
         parent.set_tags({"scmlab.fit": json.dumps({a: s.get("error", "ok") for a, s in fit["fits"].items()})[:5000]})
-    url = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{parent_id}"
+    url = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{parent_id}" if uri.startswith("http") else None
     return {"trials": [t.name for t in todo], "reused": reused, "results": results_path, "fit": fit,
             "mlflow_run_id": parent_id, "mlflow_url": url}
 
@@ -290,8 +290,10 @@ def _tune(base: Config, sweep: SweepConfig, specs: list[dict], recorded: dict, r
     storage_path, filesystem, uri = distributed.location(base)
     scheduler = None
     if sweep.scheduler == "asha":
+        # max_t past the last step: a trial that trains to the end finishes itself and reports its row (ASHA would
+        # stop it on the Train report of its last step, before that).
         scheduler = tune.schedulers.ASHAScheduler(
-            time_attr="step", metric=ASHA_METRIC, mode="min", max_t=base.train.steps,
+            time_attr="step", metric=ASHA_METRIC, mode="min", max_t=base.train.steps + 1,
             grace_period=sweep.grace_steps or max(1, base.train.steps // 4))
     log.info("sweep %s: %d trial(s), %d at a time, %s scheduler, metric %s", uri, len(specs), concurrent,
              sweep.scheduler, sweep.metric)
@@ -301,13 +303,15 @@ def _tune(base: Config, sweep: SweepConfig, specs: list[dict], recorded: dict, r
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
-            if "status" not in result:  # stopped by ASHA: its last report, and its MLflow child ends KILLED
+            if "status" not in result:  # stopped by ASHA: its last logged metric; its MLflow child ends KILLED
                 spec = trial.config["trial"]
                 step = int(result.get("step", 0))
-                MlflowClient(spec["target"]["uri"]).set_terminated(spec["target"]["run_id"], status="KILLED")
+                client = MlflowClient(spec["target"]["uri"])
+                client.set_terminated(spec["target"]["run_id"], status="KILLED")
+                history = client.get_metric_history(spec["target"]["run_id"], sweep.metric)
                 result = {"trial": spec["name"], "size": spec["size"], "params": spec["compute"]["params"],
                           "lr": spec["lr"], "seed": spec["seed"], "status": "ok",
-                          "final_loss": float(result.get(sweep.metric, math.nan)),
+                          "final_loss": max(history, key=lambda m: m.step).value if history else math.nan,
                           "flops": float(spec["compute"]["flops_per_step"] * step),
                           "reason": f"stopped by ASHA at step {step}"}
             self._record(TrialResult(**{k: result[k] for k in COLUMNS}))
