@@ -17,8 +17,8 @@ restarted with the same config (or a larger grid) launches only the trials not r
 short resumes its Train run from its last checkpoint and continues its MLflow child run. A diverged trial is
 recorded as failed, not retried: the same steps would diverge again.
 
-Layout of run.dir: the Tune experiment (trial directories, experiment state), trials/ (the Train runs),
-results.csv, fit.json, loss_vs_compute.png, best_lr.png, fit_params.png, fit_flops.png.
+Layout of run.dir (with local storage): the Tune experiment (trial directories, experiment state), trials/ (the
+Train runs), results.csv, fit.json, loss_vs_compute.png, best_lr.png, fit_params.png, fit_flops.png.
 """
 
 import dataclasses
@@ -306,12 +306,11 @@ def _tune(base: Config, sweep: SweepConfig, specs: list[dict], recorded: dict, r
             if "status" not in result:  # stopped by ASHA: its last logged metric; its MLflow child ends KILLED
                 spec = trial.config["trial"]
                 step = int(result.get("step", 0))
-                client = MlflowClient(spec["target"]["uri"])
-                client.set_terminated(spec["target"]["run_id"], status="KILLED")
-                history = client.get_metric_history(spec["target"]["run_id"], sweep.metric)
+                MlflowClient(spec["target"]["uri"]).set_terminated(spec["target"]["run_id"], status="KILLED")
                 result = {"trial": spec["name"], "size": spec["size"], "params": spec["compute"]["params"],
                           "lr": spec["lr"], "seed": spec["seed"], "status": "ok",
-                          "final_loss": max(history, key=lambda m: m.step).value if history else math.nan,
+                          "final_loss": _last_logged(spec["target"]["uri"], spec["target"]["run_id"], sweep.metric,
+                                                     math.nan),
                           "flops": float(spec["compute"]["flops_per_step"] * step),
                           "reason": f"stopped by ASHA at step {step}"}
             self._record(TrialResult(**{k: result[k] for k in COLUMNS}))
@@ -377,14 +376,15 @@ def _trial(tune_config: dict) -> None:
             failure_config=FailureConfig(max_failures=config.train.max_failures),
             callbacks=[TuneReportCallback()]),
     )
-    metric, final, summary = spec["metric"], math.nan, {}
+    metric, summary = spec["metric"], {}
     try:
         summary = trainer.fit().return_value
         reason = summary.get("diverged", "")
-        final = float(summary.get("metrics", {}).get(metric, math.nan))
     except ray.train.TrainingFailedError as e:  # workers failed train.max_failures + 1 times
         reason = str(e).strip().splitlines()[0][:500]
-    steps = _last_step(target["uri"], target["run_id"])
+    # From the run's history, not the loop's summary: a Train run resumed at its last step trains (and logs) nothing.
+    steps = int(_last_logged(target["uri"], target["run_id"], "train/step", 0))
+    final = _last_logged(target["uri"], target["run_id"], metric, math.nan)
     row = {"trial": spec["name"], "size": spec["size"], "params": accounting["params"], "lr": spec["lr"],
            "seed": spec["seed"], "status": "failed" if reason else "ok", "final_loss": final,
            "flops": float(accounting["flops_per_step"] * steps), "reason": reason}
@@ -396,12 +396,13 @@ def _trial(tune_config: dict) -> None:
     tune.report({**row, "step": steps, ASHA_METRIC: float(summary.get("metrics", {}).get(ASHA_METRIC, math.nan))})
 
 
-def _last_step(uri: str, run_id: str) -> int:
-    """The last training step the run logged (a failed run's FLOPs are counted up to there)."""
+def _last_logged(uri: str, run_id: str, key: str, default: float) -> float:
+    """The value of metric `key` at the run's last logged step (`default` if never logged): the final metric, and
+    the last step (a failed run's FLOPs are counted up to there)."""
     from mlflow import MlflowClient
 
-    history = MlflowClient(uri).get_metric_history(run_id, "train/step")
-    return int(max((m.value for m in history), default=0))
+    history = MlflowClient(uri).get_metric_history(run_id, key)
+    return float(max(history, key=lambda m: (m.step, m.timestamp)).value) if history else default
 
 
 def _curves(uri: str, grid: list[Trial], children: dict, metric: str, accounting: dict) -> list:
