@@ -134,7 +134,10 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
     if experiment is not None:
         return experiment.experiment_id
     log.info("creating MLflow experiment %r at %s", name, tracking_uri)
-    return client.create_experiment(name)
+    artifacts = None
+    if tracking_uri.startswith("sqlite:///"):  # no server: keep artifacts beside the store, not in ./mlruns
+        artifacts = Path(tracking_uri.removeprefix("sqlite:///")).parent.joinpath("artifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifacts)
 
 
 class MLflowTracker(Tracker):
