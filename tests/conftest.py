@@ -99,7 +99,8 @@ def ray_cluster(local_services):
     ports = {name: _free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
                                              "dashboard-agent-grpc-port", "metrics-export-port",
                                              "runtime-env-agent-port", "ray-client-server-port")}
-    env = {**os.environ, **local_services["env"], RAY_SECRET[0]: RAY_SECRET[1], "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **local_services["env"], RAY_SECRET[0]: RAY_SECRET[1], "RAY_USAGE_STATS_ENABLED": "0",
+           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # system metrics within a short test run
     head = subprocess.Popen(["ray", "start", "--head", f"--temp-dir={temp_dir}", "--num-cpus=2",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                              *(f"--{name}={value}" for name, value in ports.items())],
