@@ -132,11 +132,13 @@ def run_data_suite(*, limit: int = 20_000, batch_size: int = 256, batches: int =
             "samples_per_s": result["samples_per_s"], "ratio_s3_over_local": result["ratio"]}
 
 
-def run_train_suite(*, steps: int = 80, batch_size: int = 64, repeats: int = 2) -> dict:
-    """The training loop on the 8x8 digits (UNet `ci`, sCT, global batch `batch_size`, fp32 on CPU): in this process
-    (bare), under Ray Train with 1 worker holding every CPU, and with 2 workers holding one CPU each (DDP, gloo).
-    steps/s comes from the loop's own step timer (data, step, all-reduce; not checkpoints) over the second half of
-    each run, so start-up is excluded; each variant runs `repeats` times, alternating, and the median is kept."""
+def run_train_suite(*, steps: int = 120, batch_size: int = 64, repeats: int = 3) -> dict:
+    """The training loop on the 8x8 digits (UNet `ci`, sCT, global batch `batch_size`, fp32 on CPU), one CPU per
+    process: in this process (bare, 1 thread), under Ray Train with 1 worker of 1 CPU, and with 2 workers of 1 CPU
+    (DDP, gloo, half the batch each). One thread each, so that the first ratio is Ray's overhead and the second the
+    data-parallel speed-up, not torch's intra-op threading. steps/s comes from the loop's own step timer (data,
+    step, all-reduce; not checkpoints) over the second half of each run, so start-up is excluded; the variants run
+    `repeats` times, interleaved, and the median is kept."""
     import os
     import statistics
     import tempfile
@@ -146,32 +148,35 @@ def run_train_suite(*, steps: int = 80, batch_size: int = 64, repeats: int = 2) 
     from .train import loop
     from .train.distributed import fit
 
-    cpus = os.cpu_count()
     os.environ.setdefault("RAY_ADDRESS", "local")  # a Ray of this process's own, on this machine's CPUs
-    variants = {"bare": (0, cpus), "ray_1_worker": (1, cpus), "ray_2_workers": (2, cpus / 2)}
+    variants = {"bare": 0, "ray_1_worker": 1, "ray_2_workers": 2}
     timed = {name: [] for name in variants}
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="scmlab-bench-") as tmp:
         shards = os.path.join(tmp, "digits")
         data.prepare("digits", shards, shard_size=100, progress=False)
         for repeat in range(repeats):
-            for name, (workers, cpus_per_worker) in variants.items():
+            for name, workers in variants.items():
                 config = Config.from_dict({
                     "data": {"train": shards}, "model": {"arch": "unet", "size": "ci"},
                     "objective": {"kind": "sct", "warmup_steps": 1000}, "optim": {"name": "radam", "lr": 1e-3},
                     "train": {"steps": steps, "batch_size": batch_size, "log_every": steps // 2,
-                              "checkpoint_every": steps, "device": "cpu", "workers": workers,
-                              "cpus_per_worker": cpus_per_worker},
+                              "checkpoint_every": steps, "device": "cpu", "workers": workers, "cpus_per_worker": 1},
                     "tracking": {"kind": "none"}, "run": {"dir": os.path.join(tmp, f"{name}-{repeat}")}})
                 if workers:
                     summary = fit(config, None)
                 else:
-                    torch.set_num_threads(cpus)  # what Ray gives a worker of `cpus` CPUs (OMP_NUM_THREADS)
-                    summary = loop.train(config)
-                timed[name].append(1 / summary["metrics"]["time/step_s"])
+                    torch.set_num_threads(1)  # as Ray gives a worker of 1 CPU (OMP_NUM_THREADS=1)
+                    try:
+                        summary = loop.train(config)
+                    finally:
+                        torch.set_num_threads(threads)
+                timed[name].append(round(1 / summary["metrics"]["time/step_s"], 3))
                 log.info("%s: %.2f steps/s", name, timed[name][-1])
     steps_per_s = {name: round(statistics.median(v), 3) for name, v in timed.items()}
-    return {"suite": "train", "device": "cpu", "cpus": cpus, "torch": torch.__version__,
-            "case": f"digits 8x8, UNet ci, sCT, global batch {batch_size}, {steps} steps (second half timed)",
+    return {"suite": "train", "device": "cpu", "cpus": os.cpu_count(), "torch": torch.__version__,
+            "case": f"digits 8x8, UNet ci, sCT, global batch {batch_size}, 1 thread per process, {steps} steps "
+                    f"(second half timed)",
             "repeats": repeats, "steps_per_s": steps_per_s, "runs": timed,
             "ratio_ray_1_worker_over_bare": round(steps_per_s["ray_1_worker"] / steps_per_s["bare"], 3),
             "ratio_2_workers_over_1": round(steps_per_s["ray_2_workers"] / steps_per_s["ray_1_worker"], 3)}
