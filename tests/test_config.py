@@ -107,9 +107,16 @@ def test_presets_exist():
 
 @pytest.mark.parametrize("path", PRESETS, ids=os.path.basename)
 def test_every_preset_validates(path):
+    """Training presets load as a Config; sweep presets (sweep-*.yaml) as a Config plus their sweep block."""
     from scmlab.nets import PRESETS as NET_PRESETS
 
-    c = load_config(path)
+    if os.path.basename(path).startswith("sweep-"):
+        from scmlab.tune.sweep import load_sweep
+
+        c, sweep = load_sweep(path)
+        assert set(sweep.sizes) <= set(NET_PRESETS[c.model.arch])
+    else:
+        c = load_config(path)
     assert c.model.size in NET_PRESETS[c.model.arch]
 
 
