@@ -19,16 +19,7 @@ from scmlab import services
 from scmlab.tracking import MLflowTracker, ensure_experiment
 
 
-@pytest.fixture(scope="session")
-def local_services(tmp_path_factory):
-    """SeaweedFS + MLflow server in a temporary home for the whole session:
-    {"home": Path, "storage": state, "mlflow": state, "env": env_for_clients(home)}."""
-    home = tmp_path_factory.mktemp("scmlab-home")
-    started = services.services_up(home)
-    try:
-        yield {"home": home, **started, "env": services.env_for_clients(home)}
-    finally:
-        services.services_down(home)
+# `local_services` (the session's SeaweedFS + MLflow server) comes from conftest.py.
 
 
 def s3_client(env: dict):
