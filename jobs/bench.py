@@ -1,4 +1,5 @@
-"""Benchmark entrypoint: `python jobs/bench.py --suite step --device cuda --json bench.json` (needs torch only)."""
+"""Benchmark entrypoint: `python jobs/bench.py --suite step --device cuda --json bench.json` (the step suite needs
+torch only; `--suite data` the services, `--suite train` Ray)."""
 
 import sys
 

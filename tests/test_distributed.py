@@ -143,19 +143,26 @@ def test_worker_killed_mid_run_resumes_in_the_same_mlflow_run(ray_cluster, local
     assert model.predict(noise).shape == (3, 2)
 
     # No credential (S3 keys, the synthetic secret) in params, tags, artifacts, the model, or a log.
-    secrets = [RAY_SECRET[1], local_services["env"]["AWS_SECRET_ACCESS_KEY"], local_services["env"]["AWS_ACCESS_KEY_ID"]]
-    text = json.dumps([info.data.params, info.data.tags])
-    downloaded = [mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(tmp_path / "artifacts"),
-                                                      tracking_uri=config.tracking.uri),
+    uri = config.tracking.uri
+    downloaded = [mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(tmp_path / "run"), tracking_uri=uri),
                   mlflow.artifacts.download_artifacts(artifact_uri=summary["model_uri"],
-                                                      dst_path=str(tmp_path / "model"), tracking_uri=config.tracking.uri)]
+                                                      dst_path=str(tmp_path / "model"), tracking_uri=uri)]
     files = [f for d in downloaded for f in glob.glob(os.path.join(d, "**"), recursive=True) if os.path.isfile(f)]
-    files += [f for f in glob.glob(os.path.join(ray_cluster["temp_dir"], "session_*", "logs", "**"), recursive=True)
-              if os.path.isfile(f)]
-    assert len(files) > 10
-    blobs = [open(f, "rb").read() for f in files] + [text.encode(), caplog.text.encode()]
-    leaks = [(f, s[:6]) for f, blob in zip(files + ["params/tags", "driver log"], blobs) for s in secrets
-             if s.encode() in blob]
+    assert len(files) >= 5  # the grids' images, the model's files and its checkpoint
+    assert_no_credentials(local_services, ray_cluster, files, params_and_tags=[info.data.params, info.data.tags],
+                          driver_log=caplog.text)
+
+
+def assert_no_credentials(local_services, ray_cluster, files, **texts):
+    """Neither the S3 keys nor the synthetic secret of the Ray processes' environment is in `files`, in the
+    session's Ray logs (workers, job drivers, Ray's own), or in `texts`."""
+    env = local_services["env"]
+    secrets = [RAY_SECRET[1], env["AWS_SECRET_ACCESS_KEY"], env["AWS_ACCESS_KEY_ID"]]
+    logs = [f for f in glob.glob(os.path.join(ray_cluster["temp_dir"], "session_*", "logs", "**"), recursive=True)
+            if os.path.isfile(f)]
+    assert logs
+    blobs = {f: open(f, "rb").read() for f in [*files, *logs]} | {k: json.dumps(v).encode() for k, v in texts.items()}
+    leaks = [(where, secret[:6]) for where, blob in blobs.items() for secret in secrets if secret.encode() in blob]
     assert leaks == []
 
 
@@ -195,6 +202,8 @@ def test_ray_job_submit_streams_from_s3_and_logs_to_mlflow(ray_cluster, local_se
     assert summary["step"] == 6 and checkpoint.load(summary["checkpoint"])["step"] == 6
     run_info = MlflowClient(local_services["mlflow"]["tracking_uri"]).get_run(summary["mlflow_run_id"])
     assert run_info.data.params["data.train"] == s3_toy_shards and run_info.info.status == "FINISHED"
+    assert_no_credentials(local_services, ray_cluster, [], client_output=result.stdout + result.stderr,
+                          params_and_tags=[run_info.data.params, run_info.data.tags])
 
 
 def test_services_bind_loopback(local_services):

@@ -182,7 +182,8 @@ def cmd_sample(args) -> int:
     if args.noise:
         noise = torch.from_numpy(np.load(args.noise)).float().to(device)
         if tuple(noise.shape[1:]) != tuple(manifest["shape"]):
-            raise SystemExit(f"--noise: shape {tuple(noise.shape)} does not match (N, {', '.join(map(str, manifest['shape']))})")
+            raise SystemExit(f"--noise: shape {tuple(noise.shape)} does not match "
+                             f"(N, {', '.join(map(str, manifest['shape']))})")
     else:
         noise = torch.randn((args.n, *manifest["shape"]), generator=generator, device=device)
     n, num_classes = noise.shape[0], int(manifest.get("num_classes", 0))

@@ -137,8 +137,8 @@ def fit(config: Config, target: mlflow_run.Target | None) -> dict:
     connect()
     gpu = use_gpu(config)
     log.info("Ray Train: %d worker(s) x %s, batch %d each, run %s", config.train.workers,
-             "1 GPU" if gpu else f"{config.train.cpus_per_worker:g} CPU", config.train.batch_size // config.train.workers,
-             run_uri)
+             "1 GPU" if gpu else f"{config.train.cpus_per_worker:g} CPU",
+             config.train.batch_size // config.train.workers, run_uri)
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": config.to_dict(), "run_uri": run_uri,
