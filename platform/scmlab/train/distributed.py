@@ -85,7 +85,7 @@ class RayCheckpoints:
         return self.latest
 
 
-def _worker(loop_config: dict) -> dict:
+def worker(loop_config: dict) -> dict:
     """A Ray Train worker: the loop on this rank's share of the batch, DDP-wrapped."""
     config = Config.from_dict(loop_config["config"])
     import ray.train
@@ -140,7 +140,7 @@ def fit(config: Config, target: mlflow_run.Target | None) -> dict:
              "1 GPU" if gpu else f"{config.train.cpus_per_worker:g} CPU",
              config.train.batch_size // config.train.workers, run_uri)
     trainer = TorchTrainer(
-        _worker,
+        worker,
         train_loop_config={"config": config.to_dict(), "run_uri": run_uri,
                            "target": dataclasses.asdict(target) if target else None},
         scaling_config=ScalingConfig(num_workers=config.train.workers, use_gpu=gpu,

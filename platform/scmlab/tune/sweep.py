@@ -366,7 +366,7 @@ def _trial(tune_config: dict) -> None:
                     "ray.trial_dir": context.get_trial_dir(), "ray.train_run": run_uri})
     gpu = distributed.use_gpu(config)
     trainer = TorchTrainer(
-        distributed._worker,
+        distributed.worker,
         train_loop_config={"config": config.to_dict(), "run_uri": run_uri, "target": target},
         scaling_config=ScalingConfig(num_workers=config.train.workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": config.train.cpus_per_worker}),
