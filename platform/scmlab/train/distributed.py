@@ -124,33 +124,37 @@ def use_gpu(config: Config) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def fit(config: Config, target: mlflow_run.Target | None) -> dict:
-    """Train on Ray; returns the loop's summary from rank 0, with "checkpoint" the final checkpoint copied into
-    run.dir/checkpoints (what `scmlab sample` and the MLflow model read) and "ray_checkpoint" its URI in the run
-    storage. Raises TrainingDiverged, or Ray's TrainingFailedError once train.max_failures restarts are spent."""
+def trainer(config: Config, target: dict | None, callbacks=()):
+    """The TorchTrainer of a run (config.run.dir already absolute): `worker` on train.workers processes, storage,
+    checkpoint retention and restarts from the config. `target` is the MLflow run (mlflow_run.Target as a dict)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    # Workers start in directories of Ray's: give them the run directory as the driver sees it.
-    config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=os.path.abspath(config.run.dir)))
     storage_path, filesystem, run_uri = location(config)
-    connect()
     gpu = use_gpu(config)
     log.info("Ray Train: %d worker(s) x %s, batch %d each, run %s", config.train.workers,
              "1 GPU" if gpu else f"{config.train.cpus_per_worker:g} CPU",
              config.train.batch_size // config.train.workers, run_uri)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         worker,
-        train_loop_config={"config": config.to_dict(), "run_uri": run_uri,
-                           "target": dataclasses.asdict(target) if target else None},
+        train_loop_config={"config": config.to_dict(), "run_uri": run_uri, "target": target},
         scaling_config=ScalingConfig(num_workers=config.train.workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": config.train.cpus_per_worker}),
         run_config=RunConfig(
             name=config.run.name, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints or None),
-            failure_config=FailureConfig(max_failures=config.train.max_failures)),
+            failure_config=FailureConfig(max_failures=config.train.max_failures), callbacks=list(callbacks)),
     )
-    result = trainer.fit()
+
+
+def fit(config: Config, target: mlflow_run.Target | None) -> dict:
+    """Train on Ray; returns the loop's summary from rank 0, with "checkpoint" the final checkpoint copied into
+    run.dir/checkpoints (what `scmlab sample` and the MLflow model read) and "ray_checkpoint" its URI in the run
+    storage. Raises TrainingDiverged, or Ray's TrainingFailedError once train.max_failures restarts are spent."""
+    # Workers start in directories of Ray's: give them the run directory as the driver sees it.
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=os.path.abspath(config.run.dir)))
+    connect()
+    result = trainer(config, dataclasses.asdict(target) if target else None).fit()
     summary = result.return_value
     if "diverged" in summary:
         raise TrainingDiverged(summary["diverged"])

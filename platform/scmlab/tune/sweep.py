@@ -349,8 +349,6 @@ def _trial(tune_config: dict) -> None:
     config = Config.from_dict(spec["config"])
     import ray.train
     from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ..train import distributed
@@ -358,24 +356,13 @@ def _trial(tune_config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     target, accounting = spec["target"], spec["compute"]
-    storage_path, filesystem, run_uri = distributed.location(config)
+    run_uri = distributed.location(config)[2]
     context = tune.get_context()
     child = MLflowTracker(target["uri"], run_id=target["run_id"])
     child.log_params({"compute": accounting})
     child.set_tags({"ray.trial_id": context.get_trial_id(), "ray.trial_name": context.get_trial_name(),
                     "ray.trial_dir": context.get_trial_dir(), "ray.train_run": run_uri})
-    gpu = distributed.use_gpu(config)
-    trainer = TorchTrainer(
-        distributed.worker,
-        train_loop_config={"config": config.to_dict(), "run_uri": run_uri, "target": target},
-        scaling_config=ScalingConfig(num_workers=config.train.workers, use_gpu=gpu,
-                                     resources_per_worker={"CPU": config.train.cpus_per_worker}),
-        run_config=RunConfig(
-            name=config.run.name, storage_path=storage_path, storage_filesystem=filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints or None),
-            failure_config=FailureConfig(max_failures=config.train.max_failures),
-            callbacks=[TuneReportCallback()]),
-    )
+    trainer = distributed.trainer(config, target, callbacks=[TuneReportCallback()])
     metric, summary = spec["metric"], {}
     try:
         summary = trainer.fit().return_value
