@@ -3,15 +3,17 @@ that integration tests share: the local S3 + MLflow services and a Ray head (one
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+from pathlib import Path
 from unittest import mock
 
 import pytest
 
-from scmlab import data
+from scmlab import data, services
 from scmlab.config import Config
 
 
@@ -56,21 +58,27 @@ def make_config():
 
 # ---- servers shared by the whole session: the local S3 + MLflow services, and a Ray head ---------------------------
 
-# A driver joining a Ray cluster with token authentication (`ray start --head`'s default, and what a new local
-# ray.init() turns on) must say so before Ray reads its configuration, which happens once per process.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
+# The session's services home. Its Ray token (created here, mode 0600, as `scmlab services up` creates it) must be
+# in this process's environment before Ray first reads its configuration, which happens once per process: every Ray
+# process of the session (the head, this driver, `ray job submit`, a local ray.init()) then uses that token, and
+# nothing depends on a ~/.ray/auth_token left by earlier work.
+SESSION_HOME = tempfile.mkdtemp(prefix="scmlab-home-")
+os.environ.update(services.ray_auth_env(SESSION_HOME))
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "ray: tests that run Ray Train or Ray jobs on the session's local Ray head")
 
 
-@pytest.fixture(scope="session")
-def local_services(tmp_path_factory):
-    """SeaweedFS + MLflow server in a temporary home for the whole session:
-    {"home": Path, "storage": state, "mlflow": state, "env": env_for_clients(home)}."""
-    from scmlab import services
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_HOME, ignore_errors=True)
 
-    home = tmp_path_factory.mktemp("scmlab-home")
+
+@pytest.fixture(scope="session")
+def local_services():
+    """SeaweedFS + MLflow server in the session's home for the whole session:
+    {"home": Path, "storage": state, "mlflow": state, "env": env_for_clients(home)}."""
+    home = Path(SESSION_HOME)
     started = services.services_up(home)
     try:
         yield {"home": home, **started, "env": services.env_for_clients(home)}
@@ -83,25 +91,29 @@ RAY_SECRET = ("SCMLAB_TEST_SECRET_KEY", "s3cr3t-" + os.urandom(12).hex())
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(local_services):
-    """`ray start --head` on 127.0.0.1 (dashboard and job API on 127.0.0.1 too) with the services' client environment
-    in its processes, as cluster.yaml gives a cluster's nodes; this process joins it as a driver, shipping the
-    scmlab package as scmlab.train.distributed.connect does. {"address", "dashboard", "temp_dir"}.
+def ray_cluster(local_services, tmp_path_factory):
+    """The README's `scmlab services run -- ray start --head` on 127.0.0.1 (dashboard and job API on 127.0.0.1 too):
+    the services' client environment in its processes (Ray's token among it), as cluster.yaml gives a cluster's
+    nodes, and an empty HOME, as on a new machine. This process joins it as a driver, shipping the scmlab package as
+    scmlab.train.distributed.connect does. {"address", "dashboard", "temp_dir", "home"} (home: the head's HOME).
 
     Stopped by killing its process group: `ray stop` would stop every Ray on the machine."""
     import ray
 
     from scmlab.train.distributed import PACKAGE_DIR
 
-    temp_dir = tempfile.mkdtemp(prefix="scmlab-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    # Short: Ray's socket paths have a length limit. Under RAY_TMPDIR when set (CI keeps Ray out of /tmp/ray).
+    temp_dir = tempfile.mkdtemp(prefix="scmlab-ray-", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
+    home = tmp_path_factory.mktemp("empty-home")
     # Every port chosen free: another Ray on this machine holds the defaults (the job agent's 52365, the client
     # server's 10001, ...), and a clash leaves the job API without an agent.
     ports = {name: _free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
                                              "dashboard-agent-grpc-port", "metrics-export-port",
                                              "runtime-env-agent-port", "ray-client-server-port")}
-    env = {**os.environ, **local_services["env"], RAY_SECRET[0]: RAY_SECRET[1], "RAY_USAGE_STATS_ENABLED": "0",
+    env = {**os.environ, RAY_SECRET[0]: RAY_SECRET[1], "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(home),
            "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # system metrics within a short test run
-    head = subprocess.Popen(["ray", "start", "--head", f"--temp-dir={temp_dir}", "--num-cpus=2",
+    head = subprocess.Popen(["scmlab", "services", "run", "--home", str(local_services["home"]), "--",
+                             "ray", "start", "--head", f"--temp-dir={temp_dir}", "--num-cpus=2",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                              *(f"--{name}={value}" for name, value in ports.items())],
                             env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -110,7 +122,8 @@ def ray_cluster(local_services):
     try:
         assert head.returncode == 0, out
         ray.init(address=f"127.0.0.1:{port}", runtime_env={"py_modules": [PACKAGE_DIR]})
-        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "temp_dir": temp_dir}
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "temp_dir": temp_dir,
+               "home": home}
     finally:
         ray.shutdown()
         _kill_group(head.pid)

@@ -6,9 +6,12 @@ import dataclasses
 import glob
 import json
 import os
+import stat
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import mlflow
 import numpy as np
@@ -18,6 +21,7 @@ import torch
 from conftest import RAY_SECRET, client_env
 from mlflow import MlflowClient
 
+from scmlab import services
 from scmlab.config import ConfigError
 from scmlab.data import DataError
 from scmlab.train import TrainingDiverged, checkpoint, distributed
@@ -191,11 +195,11 @@ def test_ray_job_submit_streams_from_s3_and_logs_to_mlflow(ray_cluster, local_se
                "model.size=tiny", "train.steps=6", "train.batch_size=16", "train.workers=2", "train.log_every=3",
                "train.checkpoint_every=3", "train.sample_every=0", "tracking.experiment=ray-jobs",
                f"run.dir={tmp_path / 'job'}", "--summary-json", str(summary_path)]
-    # The client needs the dashboard's token (RAY_AUTH_MODE=token), not the S3 credentials: the job inherits the
-    # environment of the Ray processes, as on a cluster.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
-    result = subprocess.run(command, cwd=ROOT, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
-                            timeout=400)
+    # The client needs Ray's token (from the services' home), not the S3 credentials: the job inherits the
+    # environment of the Ray processes, as on a cluster. An empty HOME: no ~/.ray/auth_token to fall back on.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_AUTH"))}
+    env.update(services.ray_auth_env(local_services["home"]), HOME=str(ray_cluster["home"]))
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "succeeded" in result.stdout and "Ray Train: 2 worker(s)" in result.stdout
     summary = json.loads(summary_path.read_text())
@@ -204,6 +208,24 @@ def test_ray_job_submit_streams_from_s3_and_logs_to_mlflow(ray_cluster, local_se
     assert run_info.data.params["data.train"] == s3_toy_shards and run_info.info.status == "FINISHED"
     assert_no_credentials(local_services, ray_cluster, [], client_output=result.stdout + result.stderr,
                           params_and_tags=[run_info.data.params, run_info.data.tags])
+
+
+def test_ray_head_runs_with_the_services_token_on_an_empty_home(ray_cluster, local_services):
+    """The session's head was started as the README says (`scmlab services run -- ray start --head`) with an empty
+    HOME: it enforces token authentication with the token of the services' home (0600), and Ray created no token of
+    its own."""
+    token = local_services["home"] / services.RAY_TOKEN_FILE
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) == 64
+    assert not (ray_cluster["home"] / ".ray").exists()
+    with urllib.request.urlopen(f"{ray_cluster['dashboard']}/api/authentication_mode", timeout=10) as response:
+        assert json.loads(response.read())["authentication_mode"] == "token"
+    with pytest.raises(urllib.error.HTTPError) as refused:  # the job API without the token
+        urllib.request.urlopen(f"{ray_cluster['dashboard']}/api/jobs/", timeout=10)
+    assert refused.value.code in (401, 403)
+    request = urllib.request.Request(f"{ray_cluster['dashboard']}/api/jobs/",
+                                     headers={"Authorization": f"Bearer {token.read_text()}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
 
 
 def test_services_bind_loopback(local_services):

@@ -17,7 +17,7 @@ log = logging.getLogger("scmlab")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     from .config import ConfigError
@@ -29,6 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError, ServiceError) as e:
         log.error("%s", e)
         return 2
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse `argv`, taking `section.key=value` overrides anywhere on the line (argparse alone stops collecting a
+    positional list at the first option: `train --config F --summary-json S optim.lr=1e-4` would be refused)."""
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
+    return args
 
 
 def parser() -> argparse.ArgumentParser:
@@ -219,7 +230,11 @@ def cmd_sweep(args) -> int:
                     "trials": [t.name for t in config.grid(base)]}
         sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
         return 0
-    summary = sweep.run(base, config)
+    try:
+        summary = sweep.run(base, config)
+    except sweep.SweepFailed as e:
+        log.error("%s", e)
+        return 1
     if args.summary_json:
         with open(args.summary_json, "w") as f:
             json.dump(summary, f, indent=2)
@@ -272,7 +287,7 @@ def cmd_storage(args) -> int:
 def _report(state: dict, home) -> None:
     """The services' state as JSON on stdout (no credentials: they stay in the home's 0600 file), and a log line
     per service with what to open."""
-    from .services import resolve_home
+    from .services import CREDENTIALS_FILE, RAY_TOKEN_FILE, resolve_home
 
     sys.stdout.write(json.dumps(state, indent=2) + "\n")
     storage, mlflow = state.get("storage"), state.get("mlflow")
@@ -281,8 +296,8 @@ def _report(state: dict, home) -> None:
     if mlflow:
         log.info("MLflow UI %s (tracking URI)", mlflow["tracking_uri"])
     if storage or mlflow:
-        log.info("clients: scmlab services run -- COMMAND (credentials in %s); stop: scmlab services down",
-                 resolve_home(home) / "credentials.json")
+        log.info("clients: scmlab services run -- COMMAND (S3 credentials in %s, Ray token in %s); stop: scmlab "
+                 "services down", resolve_home(home) / CREDENTIALS_FILE, resolve_home(home) / RAY_TOKEN_FILE)
     else:
         log.info("no local service runs in %s; start them: scmlab services up", resolve_home(home))
 

@@ -3,6 +3,8 @@
 State lives in a home directory (`.scmlab/` under the working directory, `$SCMLAB_HOME`, or the `home` argument):
 
     credentials.json  generated S3 credentials, mode 0600: the only file that holds them
+    ray_auth_token    the token of Ray's token authentication, mode 0600, for a Ray head started with the
+                      services' environment and for its clients (`ray job submit`, drivers)
     storage.json      `weed mini`: pid, command line, port, endpoint, data dir, log
     storage/          SeaweedFS data           storage.log   its output
     mlflow.json       `mlflow server`: pid, command line, port, tracking URI, artifact destination, log
@@ -10,7 +12,9 @@ State lives in a home directory (`.scmlab/` under the working directory, `$SCMLA
 
 The servers run in sessions of their own, so they outlive the command that started them; `*_up` finds a running
 server again through its state file (its pid alive and running the recorded command line) and returns it unchanged.
-Credentials reach the servers and clients through the environment only, never through command lines or logs.
+Credentials reach the servers and clients through the environment only, never through command lines or logs; the
+Ray token through its path (RAY_AUTH_TOKEN_PATH), so that `ray start --head` and `ray job submit` run with the
+services' environment find it on a new machine, where Ray would not create one without a prompt.
 """
 
 import json
@@ -28,12 +32,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-import psutil
-
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 CREDENTIALS_FILE = "credentials.json"
+RAY_TOKEN_FILE = "ray_auth_token"
 GRPC_OFFSET = 10000  # SeaweedFS serves a component's gRPC on its HTTP port + 10000
 
 # Servers started by this process, kept so that they are reaped (no zombies, no ResourceWarning) when stopped here.
@@ -169,7 +172,8 @@ def _health(uri: str) -> bool:
 # -------------------------------------------------------------------------------------------------------- together
 
 def services_up(home=None) -> dict:
-    """Both services: {"storage": state, "mlflow": state}."""
+    """Both services: {"storage": state, "mlflow": state}; the Ray token is created too (see ray_token)."""
+    ray_token(resolve_home(home))
     return {"storage": storage_up(home), "mlflow": mlflow_up(home)}
 
 
@@ -187,35 +191,55 @@ def services_status(home=None) -> dict:
 
 
 def env_for_clients(home=None) -> dict:
-    """Environment for processes that use the services: S3 endpoint and credentials, and the MLflow tracking URI
-    when the server runs. Raises ServiceError when the object store is not running."""
+    """Environment for processes that use the services: S3 endpoint and credentials, Ray's token authentication
+    (RAY_AUTH_MODE=token and the token's path, for a Ray head and its clients), and the MLflow tracking URI when the
+    server runs. Raises ServiceError when the object store is not running."""
     status = services_status(home)
     if status["storage"] is None:
         raise ServiceError(f"the local object store is not running in {resolve_home(home)}; start it with "
                            "scmlab.services.services_up (or `scmlab services up`)")
     env = {"AWS_ENDPOINT_URL": status["storage"]["endpoint"], "AWS_DEFAULT_REGION": "us-east-1",
-           **_credentials(resolve_home(home))}
+           **_credentials(resolve_home(home)), **ray_auth_env(home)}
     if status["mlflow"] is not None:
         env["MLFLOW_TRACKING_URI"] = status["mlflow"]["tracking_uri"]
     return env
+
+
+def ray_auth_env(home=None) -> dict:
+    """RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH, the home's token file (created on first use): every Ray process
+    started with this environment (`ray start --head`, a local `ray.init()`, `ray job submit`) uses that token."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_token(resolve_home(home)))}
+
+
+def ray_token(home: Path) -> Path:
+    """The path of the Ray token, generated once (256 random bits, as `ray get-auth-token --generate` makes it) into
+    a 0600 file. Rotate it by deleting the file and restarting the Ray head and its clients."""
+    return _secret_file(home, RAY_TOKEN_FILE, lambda: secrets.token_hex(32))
 
 
 # ------------------------------------------------------------------------------------------------------- machinery
 
 def _credentials(home: Path) -> dict:
     """Local S3 credentials, generated once and kept in a 0600 file (never logged, never on a command line)."""
-    path = home / CREDENTIALS_FILE
+    path = _secret_file(home, CREDENTIALS_FILE, lambda: json.dumps(
+        {"AWS_ACCESS_KEY_ID": secrets.token_hex(10).upper(), "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20)}))
+    return json.loads(path.read_text())
+
+
+def _secret_file(home: Path, name: str, generate) -> Path:
+    """home/name, written once with generate() and mode 0600 (created so: never readable by others, not even
+    briefly); an existing file that others can read is restricted to its owner."""
+    path = home / name
     if path.exists():
         if path.stat().st_mode & 0o077:
             log.warning("%s was readable by others; restricting it to its owner", path)
             path.chmod(0o600)
-        return json.loads(path.read_text())
+        return path
     home.mkdir(parents=True, exist_ok=True)
-    creds = {"AWS_ACCESS_KEY_ID": secrets.token_hex(10).upper(), "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20)}
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(creds, f)
-    return creds
+        f.write(generate())
+    return path
 
 
 def _server_env(home: Path) -> dict:
@@ -242,6 +266,8 @@ def _running(state: dict | None) -> bool:
     if child is not None and child.poll() is not None:  # a server this process started has exited: reaped now
         del _children[state["pid"]]
         return False
+    import psutil
+
     try:
         proc = psutil.Process(state["pid"])
         return proc.status() != psutil.STATUS_ZOMBIE and proc.cmdline() == state["argv"]
@@ -279,6 +305,8 @@ def _stop(home: Path, name: str, timeout: float = 20.0) -> None:
 
 def _stop_pid(pid: int, timeout: float) -> None:
     """SIGTERM the process group (the server and its workers), SIGKILL what is left after `timeout`."""
+    import psutil
+
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         members = _group(pid)
         if not members:
@@ -294,8 +322,10 @@ def _stop_pid(pid: int, timeout: float) -> None:
         _children.pop(pid).wait()
 
 
-def _group(pgid: int) -> list[psutil.Process]:
-    """Live members of a process group (the server started with start_new_session leads its own)."""
+def _group(pgid: int) -> list:
+    """Live psutil.Process members of a process group (the server started with start_new_session leads its own)."""
+    import psutil
+
     members = []
     for proc in psutil.process_iter():
         try:
