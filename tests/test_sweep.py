@@ -4,13 +4,18 @@ parent and child runs nested, table and plots logged, a diverging trial recorded
 with a larger grid that does not rerun its recorded trial."""
 
 import csv
+import glob
 import math
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
 from mlflow import MlflowClient
 
+from scmlab import data
 from scmlab.config import ConfigError
 from scmlab.tune import sweep
 from scmlab.tune.scaling import TrialResult, read_results
@@ -162,3 +167,62 @@ def test_cli_dry_run_lists_the_trials_and_a_bad_field_exits_2(toy_shards, tmp_pa
     assert resolved["sweep"]["scheduler"] == "fifo" and resolved["model"]["arch"] == "mlp"
     assert cli.main(["sweep", "--config", path, "sweep.scheduler=grid"]) == 2
     assert not (tmp_path / "run").exists()  # refused before anything was made
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.ray
+def test_sweep_demo_command_line_with_relative_paths_finishes_every_trial(ray_cluster, local_services, tmp_path):
+    """`make sweep-demo`'s commands, verbatim but smaller and run from another directory: the relative data.train
+    and run.dir mean the same in every trial's workers (Ray Train runs them in directories of its own)."""
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"]}  # the session's Ray, not a new local one
+    cli = [sys.executable, "-m", "scmlab.cli"]
+    subprocess.run([*cli, "prepare", "toy-gmm", "--out", "sweep-demo/shards", "--limit", "512", "--shard-size",
+                    "128"], cwd=tmp_path, env=env, check=True, timeout=120)
+    result = subprocess.run(
+        [*cli, "services", "run", "--home", str(local_services["home"]), "--", sys.executable,
+         os.path.join(ROOT, "jobs/sweep.py"), "--config", os.path.join(ROOT, "jobs/configs/sweep-toy.yaml"),
+         "data.train=sweep-demo/shards", "run.dir=sweep-demo/sweep", "sweep.sizes=[tiny,small]", "sweep.lrs=[1e-3]",
+         "train.steps=4", "train.batch_size=16", "train.log_every=2", "train.checkpoint_every=2",
+         "tracking.experiment=sweep-demo-test"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = read_results(str(tmp_path / "sweep-demo" / "sweep" / "results.csv"))
+    assert sorted((r.trial, r.status) for r in rows) == [("small-lr0.001-seed0", "ok"), ("tiny-lr0.001-seed0", "ok")]
+    assert all(r.final_loss > 0 for r in rows)
+
+
+@pytest.mark.ray
+def test_sweep_whose_data_fail_on_the_workers_fails_fast_naming_the_path(local_ray, local_services, toy_shards,
+                                                                          tmp_path, caplog):
+    """Shards that the driver's checks pass (their manifest reads) but the workers cannot read: each trial fails on
+    its first attempt (a data error is not retried) with the worker's own error, the sweep exits non-zero and its
+    parent run ends FAILED."""
+    shards = tmp_path / "shards"
+    shutil.copytree(toy_shards, shards)
+    for tar in glob.glob(str(shards / "*.tar")):
+        os.unlink(tar)
+    assert data.read_manifest(str(shards))["count"] == 512
+    uri = local_services["env"]["MLFLOW_TRACKING_URI"]
+    path = write_sweep(tmp_path / "s.yaml", str(shards), tmp_path / "run", uri=uri, lrs=[1e-3, 3e-3])
+    from scmlab import cli
+
+    with caplog.at_level("INFO"):
+        assert cli.main(["sweep", "--config", path, "train.max_failures=3"]) == 1
+    rows = read_results(str(tmp_path / "run" / "results.csv"))
+    assert [r.status for r in rows] == ["failed", "failed"]
+    for row in rows:  # the worker's DataError, returned on the first attempt (a retry ends in Ray's own error)
+        assert row.reason.startswith("DataError: rank 0: shard ") or row.reason.startswith("DataError: shard ")
+        assert str(shards) in row.reason
+    assert f"every trial of the sweep failed ({tmp_path / 'run' / 'results.csv'})" in caplog.text
+    assert str(shards) in caplog.text
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sweep-test")
+    parent = client.search_runs([experiment.experiment_id], filter_string="tags.`mlflow.runName` = 'run'",
+                                order_by=["attributes.start_time DESC"])[0]
+    assert parent.info.status == "FAILED"
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {c.info.status for c in children} == {"FAILED"}
+    assert all(str(shards) in c.data.tags["scmlab.failure"] for c in children)

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -286,6 +287,10 @@ def net_config(model: ModelConfig, sigma_d: float) -> types.SimpleNamespace:
     return types.SimpleNamespace(**dataclasses.asdict(model), sigma_d=sigma_d)
 
 
+# Config values that name local files or directories (or URLs): resolved by Config.with_absolute_paths.
+PATH_FIELDS = ("data.train", "objective.teacher", "run.dir", "run.storage")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "objective": ObjectiveConfig, "optim": OptimConfig,
             "train": TrainConfig, "tracking": TrackingConfig, "run": RunConfig}
 
@@ -307,6 +312,22 @@ class Config:
     def to_dict(self) -> dict:
         """Plain nested dict (YAML / JSON / torch.load(weights_only=True) safe)."""
         return dataclasses.asdict(self)
+
+    def with_absolute_paths(self) -> "Config":
+        """This config with every local path (PATH_FIELDS, and a sqlite:/// tracking store) made absolute against the
+        current working directory; URLs (s3://...) are kept. Drivers call it before any worker or trial starts: Ray
+        Train and Tune run each worker and trial in a directory of their own, where a relative path means something
+        else."""
+        d = self.to_dict()
+        for dotted in PATH_FIELDS:
+            section, key = dotted.split(".")
+            value = d[section][key]
+            if value and not _URL.match(value):
+                d[section][key] = os.path.abspath(value)
+        uri = d["tracking"]["uri"]
+        if uri.startswith("sqlite:///"):
+            d["tracking"]["uri"] = "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
+        return Config.from_dict(d)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":

@@ -10,8 +10,8 @@ barrier), and a restarted worker group resumes from `ray.train.get_checkpoint()`
 same storage and name). The sCM JVP runs on the module inside the DDP wrapper (scmlab.objectives), so forward-mode
 AD never meets DDP's hooks; theta^- is a stop-gradient, which makes that exact.
 
-A run whose loss keeps diverging is not retried (the same steps would diverge again): the workers return, and `fit`
-raises TrainingDiverged with the message of rank 0.
+A run whose loss keeps diverging, or whose data or config the workers cannot use, is not retried (it would fail the
+same way again): the workers return the error (`NOT_RETRIED`), and `fit` raises it with the message of rank 0.
 """
 
 import dataclasses
@@ -22,7 +22,8 @@ import tempfile
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
+from ..data import DataError
 from . import checkpoint, mlflow_run
 from .loop import TrainingDiverged, train
 
@@ -45,6 +46,25 @@ def location(config: Config) -> tuple[str, object, str]:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     return storage.removeprefix("s3://"), S3FileSystem(endpoint_override=endpoint, region=region), uri
+
+
+# Failures that would recur on every restart (a diverging run, data that cannot be read, a config the data refuses):
+# the workers return them instead of raising, so that Ray Train does not spend train.max_failures restarts on them.
+NOT_RETRIED = (TrainingDiverged, DataError, ConfigError)
+
+
+def not_retried(failed: dict) -> Exception:
+    """The exception a worker returned as {"type", "message"} (see `worker`)."""
+    return {cls.__name__: cls for cls in NOT_RETRIED}[failed["type"]](failed["message"])
+
+
+def failure_reason(error: Exception) -> str:
+    """One line for a failed Ray Train run: the first worker's own error (its last line, e.g. `DataError: ...`),
+    not Ray's "Training failed due to worker errors:" header."""
+    failures = getattr(error, "worker_failures", None) or {}
+    text = str(next(iter(failures.values()))) if failures else str(error)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 class RayCheckpoints:
@@ -100,9 +120,9 @@ def worker(loop_config: dict) -> dict:
         return train(config, rank=rank, world_size=world_size, wrap=DistributedDataParallel if world_size > 1 else None,
                      checkpoints=RayCheckpoints(rank, loop_config["run_uri"]),
                      tracker=functools.partial(mlflow_run.open_tracker, target))
-    except TrainingDiverged as e:
+    except NOT_RETRIED as e:  # every rank stops here at the same step (the loop agrees on it)
         log.error("%s", e)
-        return {"diverged": str(e)}
+        return {"failed": {"type": type(e).__name__, "message": str(e)}}
 
 
 def connect() -> None:
@@ -151,13 +171,12 @@ def fit(config: Config, target: mlflow_run.Target | None) -> dict:
     """Train on Ray; returns the loop's summary from rank 0, with "checkpoint" the final checkpoint copied into
     run.dir/checkpoints (what `scmlab sample` and the MLflow model read) and "ray_checkpoint" its URI in the run
     storage. Raises TrainingDiverged, or Ray's TrainingFailedError once train.max_failures restarts are spent."""
-    # Workers start in directories of Ray's: give them the run directory as the driver sees it.
-    config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=os.path.abspath(config.run.dir)))
+    config = config.with_absolute_paths()  # workers start in directories of Ray's
     connect()
     result = trainer(config, dataclasses.asdict(target) if target else None).fit()
     summary = result.return_value
-    if "diverged" in summary:
-        raise TrainingDiverged(summary["diverged"])
+    if "failed" in summary:
+        raise not_retried(summary["failed"])
     with result.checkpoint.as_directory() as directory:
         state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
     summary["ray_checkpoint"] = summary["checkpoint"]

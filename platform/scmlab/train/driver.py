@@ -19,13 +19,14 @@ log = logging.getLogger(__name__)
 def run(config: Config, *, progress: bool = False) -> dict:
     """Train `config` to the end; returns the loop's summary plus, when tracked, "mlflow_run_id", "mlflow_url" and
     "model_uri" (the EMA model). See scmlab.train.loop.train and scmlab.train.distributed.fit."""
+    config = config.with_absolute_paths()  # the same meaning on every Ray worker as here
     manifest = check_inputs(config)
     if config.train.workers:
         from . import distributed
 
         run_key = distributed.location(config)[2]
     else:
-        run_key = os.path.abspath(config.run.dir)
+        run_key = config.run.dir
     target = mlflow_run.resolve(config, run_key)
     if target is not None:
         log.info("MLflow run: %s", mlflow_run.ui_url(target))

@@ -193,6 +193,7 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
                "mlflow_run_id": run.run_id}
     window = _Window()
     consecutive_bad = 0
+    data_error = None
     net.train()
     bar = tqdm(total=cfg.steps, initial=state["step"], disable=not progress or rank != 0, unit="step",
                dynamic_ncols=True)
@@ -200,7 +201,16 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
     while state["step"] < cfg.steps:
         step = state["step"]
         t0 = time.perf_counter()
-        x0, labels = next(loader)
+        try:
+            x0, labels = next(loader)
+        except data.DataError as e:
+            if not distributed:
+                raise
+            # The other ranks are about to enter this step's collectives: take part with a stand-in batch, and
+            # stop together after the step (below), so that no rank waits forever and nothing is retried.
+            data_error = e
+            x0 = torch.zeros((local_batch, *manifest["shape"]))
+            labels = torch.zeros(local_batch, dtype=torch.long) if manifest.get("num_classes") else None
         x0 = x0.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True) if labels is not None else None
         t_data = time.perf_counter() - t0
@@ -218,10 +228,13 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), config.optim.grad_clip or math.inf)
         # Gradients (hence their norm) are all-reduced under DDP, the loss is not: agree on the decision, so that
-        # every rank skips the same steps and stops at the same step.
-        good = torch.tensor(float(torch.isfinite(grad_norm) and torch.isfinite(loss)), device=device)
+        # every rank skips the same steps and stops at the same step. -1: a rank could not read its data.
+        good = torch.tensor(-1.0 if data_error else float(torch.isfinite(grad_norm) and torch.isfinite(loss)),
+                            device=device)
         if distributed:
             torch.distributed.all_reduce(good, op=torch.distributed.ReduceOp.MIN)
+            if good.item() < 0:
+                raise data.DataError(_shared_message(data_error, rank, world_size))
         if good.item():
             lr = config.optim.lr_at(step)
             for group in optimizer.param_groups:
@@ -268,6 +281,15 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
     summary["step"] = state["step"]
     summary["bad_steps"] = state["bad_steps"]
     return summary
+
+
+def _shared_message(error: Exception | None, rank: int, world_size: int) -> str:
+    """Every rank gets the message of the lowest rank that failed (a collective: all ranks call it)."""
+    failed = torch.tensor(rank if error is not None else world_size)
+    torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MIN)
+    message = [f"rank {rank}: {error}" if error is not None else None]
+    torch.distributed.broadcast_object_list(message, src=int(failed))
+    return message[0]
 
 
 def write_grid(config: Config, net: torch.nn.Module, manifest: dict, step: int, device: torch.device) -> str:

@@ -42,6 +42,10 @@ RESULTS, FIT = "results.csv", "fit.json"
 ASHA_METRIC = "loss/mean"  # what scmlab.train.distributed.RayCheckpoints reports to Train (and so to Tune)
 
 
+class SweepFailed(RuntimeError):
+    """No trial of the sweep finished; the message gives their reasons."""
+
+
 @dataclass
 class SweepConfig:
     sizes: list[str] = field(default_factory=list)
@@ -192,6 +196,7 @@ def run(base: Config, sweep: SweepConfig) -> dict:
     from ..train.loop import check_inputs
     from .scaling import read_results
 
+    base = base.with_absolute_paths()  # the same meaning in every trial and on every worker as here
     manifest = check_inputs(base)
     grid = sweep.grid(base)
     configs = {t.name: trial_config(base, t) for t in grid}
@@ -235,6 +240,9 @@ def run(base: Config, sweep: SweepConfig) -> dict:
         parent.log_metrics({f"fit/{against}/{k}": v for against, s in fit["fits"].items() if "error" not in s
                             for k, v in s.items() if isinstance(v, (int, float)) and math.isfinite(v)}, step=0)
         parent.set_tags({"scmlab.fit": json.dumps({a: s.get("error", "ok") for a, s in fit["fits"].items()})[:5000]})
+        if all(row.status == "failed" for row in rows):  # the parent run ends FAILED (the tracker's __exit__)
+            raise SweepFailed(f"every trial of the sweep failed ({results_path}): " + "; ".join(
+                f"{row.trial}: {row.reason}" for row in rows[:3]) + (" ..." if len(rows) > 3 else ""))
     url = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{parent_id}" if uri.startswith("http") else None
     return {"trials": [t.name for t in todo], "reused": reused, "results": results_path, "fit": fit,
             "mlflow_run_id": parent_id, "mlflow_url": url}
@@ -366,9 +374,12 @@ def _trial(tune_config: dict) -> None:
     metric, summary = spec["metric"], {}
     try:
         summary = trainer.fit().return_value
-        reason = summary.get("diverged", "")
+        failed = summary.get("failed")
+        reason = f"{failed['type']}: {failed['message']}"[:2000] if failed else ""
     except ray.train.TrainingFailedError as e:  # workers failed train.max_failures + 1 times
-        reason = str(e).strip().splitlines()[0][:500]
+        reason = distributed.failure_reason(e)[:2000]
+    if reason:
+        log.error("trial %s failed: %s", spec["name"], reason)
     # From the run's history, not the loop's summary: a Train run resumed at its last step trains (and logs) nothing.
     steps = int(_last_logged(target["uri"], target["run_id"], "train/step", 0))
     final = _last_logged(target["uri"], target["run_id"], metric, math.nan)
