@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="runs/demo", help="run directory, final checkpoint and sample grid")
     p.add_argument("--home", default=None, help="services state directory (default: $SCMLAB_HOME or ./.scmlab)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"overrides of {os.path.relpath(CONFIG)}")
-    args = p.parse_args(argv)
+    args = cli.parse(p, argv)  # overrides anywhere on the line
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     started = time.monotonic()
