@@ -4,30 +4,43 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 DEVICE ?= cpu
 STAMP := build/install.stamp
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO := runs/demo
 SWEEP_DEMO := runs/sweep-demo
 
-.PHONY: install test demo sweep-demo bench clean
+.PHONY: install system-data test demo sweep-demo bench clean
 
-install: $(STAMP)
+install: $(STAMP) system-data
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install "$(TORCH)"
 	$(PYTHON) -m pip install -e ".[test]"
 	@mkdir -p $(dir $@) && touch $@
 
-test: $(STAMP)
-	$(PYTHON) -m pytest -q
+# Fashion-MNIST comes from Debian (`datasets/fashion-mnist.yaml`; the tests read it): installed here when missing and
+# this is root with apt-get, otherwise one line says how.
+system-data:
+	@if [ ! -f $(FASHION_MNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's dataset-fashion-mnist"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "Fashion-MNIST is missing ($(FASHION_MNIST)): run  sudo apt-get install dataset-fashion-mnist" >&2; \
+	  fi; \
+	fi
+
+test: install
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 # The main job on one machine: local S3 + MLflow servers, 8x8 digits into S3, sCT on 2 Ray Train CPU workers
 # streaming from S3 (~6 minutes on 2 cores), a 2-step grid; prints where to look (jobs/demo.py).
-demo: $(STAMP)
+demo: install
 	$(PYTHON) jobs/demo.py --out $(DEMO)
 
 # A real scaling sweep on one machine: local S3 + MLflow servers, the 2-D toy mixture, 3 MLP sizes x 2 learning rates
 # on Ray Tune (a local Ray, 2 trials at a time; ~10 minutes on 2 cores), the fitted law and plots in the MLflow parent
 # run and in $(SWEEP_DEMO)/sweep. Rerunning resumes: finished trials are not rerun.
-sweep-demo: $(STAMP)
+sweep-demo: install
 	$(PYTHON) -m scmlab.cli services up
 	$(PYTHON) -m scmlab.cli prepare toy-gmm --out $(SWEEP_DEMO)/shards
 	RAY_ADDRESS=local $(PYTHON) -m scmlab.cli services run -- $(PYTHON) jobs/sweep.py \
