@@ -78,13 +78,21 @@ def cifar10(path: str, split: str = "train") -> Raw:
     return Raw(np.ascontiguousarray(x), _labels(y, len(x), path), 10)
 
 
-def digits() -> Raw:
-    """scikit-learn's 8x8 digits (1797 images, 10 classes); pixel values 0..16 scaled to 0..255."""
+DIGITS_TEST = 297  # the held-out slice: the last 297 of the 1797 digits (1500 train)
+
+
+def digits(split: str = "train") -> Raw:
+    """scikit-learn's 8x8 digits (1797 images, 10 classes); pixel values 0..16 scaled to 0..255. There is no
+    split of this copy (it is UCI's test set): `train` is the first 1500 images in stored order, `test` the last
+    DIGITS_TEST (a fixed held-out slice), `all` the 1797."""
     from sklearn.datasets import load_digits
 
+    slices = {"train": slice(0, -DIGITS_TEST), "test": slice(-DIGITS_TEST, None), "all": slice(None)}
+    if split not in slices:
+        raise DataError(f"digits: split must be one of {list(slices)}, got {split!r}")
     data = load_digits()
     x = np.round(data.images * (255 / 16)).astype(np.uint8)[..., None]  # (N, 8, 8) -> (N, 8, 8, 1)
-    return Raw(x, data.target.astype(np.int64), 10)
+    return Raw(x[slices[split]], data.target.astype(np.int64)[slices[split]], 10)
 
 
 class ImageFiles(Sequence):

@@ -1,7 +1,8 @@
 """Sampling from trained weights, and sample grids as PNG: shared by the training loop and `scmlab sample`.
 
 sCT / sCD students sample with multistep consistency sampling (2 steps: t_max, then 1.1); diffusion models by
-integrating the PF-ODE (Heun). Samples come out in model space; `scmlab.data.Normalizer` maps them to data space.
+integrating the PF-ODE (Heun). `generate` returns samples in model space, `sample_data` in data space (what
+`scmlab sample` writes and evaluation scores).
 """
 
 import math
@@ -11,10 +12,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from .. import sampling
-from ..config import Config, net_config
+from ..config import SAMPLE_STEPS, Config, net_config
+from ..data import Normalizer
 from ..nets import build_net
 
-DEFAULT_STEPS = {"diffusion": 18, "sct": 2, "scd": 2}  # 18 Heun steps = 35 evaluations, EDM's CIFAR-10 setting
 
 
 def build_model(config: Config, manifest: dict) -> torch.nn.Module:
@@ -35,7 +36,7 @@ def generate(net, config: Config, noise: torch.Tensor, *, steps: int | None = No
              generator=None) -> torch.Tensor:
     """Samples in model space from standard-normal `noise` (B, ...); steps=None takes the kind's default."""
     kind, sigma_d = config.objective.kind, config.objective.sigma_d
-    steps = steps or DEFAULT_STEPS[kind]
+    steps = steps or SAMPLE_STEPS[kind]
     if kind == "diffusion":
         return sampling.pf_ode_sample(net, noise, sigma_d=sigma_d, num_steps=steps, class_labels=class_labels)
     guidance = None
@@ -44,6 +45,19 @@ def generate(net, config: Config, noise: torch.Tensor, *, steps: int | None = No
                               dtype=noise.dtype)
     return sampling.consistency_sample(net, noise, sigma_d=sigma_d, times=sampling.consistency_times(steps, sigma_d),
                                        class_labels=class_labels, guidance=guidance, generator=generator)
+
+
+def class_labels(n: int, num_classes: int, device=None, start: int = 0) -> torch.Tensor | None:
+    """The default labels of samples start .. start + n - 1: 0, 1, ..., num_classes - 1, 0, ... (None when the model
+    is unconditional), so that every class is drawn equally often."""
+    return torch.arange(start, start + n, device=device) % num_classes if num_classes else None
+
+
+def sample_data(net, config: Config, manifest: dict, noise: torch.Tensor, **kwargs) -> torch.Tensor:
+    """`generate` (same arguments) mapped to data space, float32 on the noise's device: images clipped to the pixel
+    range [-1, 1], vectors in original units (de-normalized with the manifest's statistics)."""
+    x = Normalizer(manifest).to_data(generate(net, config, noise, **kwargs).float())
+    return x.clamp(-1, 1) if manifest["kind"] == "image" else x
 
 
 def save_grid(samples: np.ndarray, path: str, kind: str) -> None:
