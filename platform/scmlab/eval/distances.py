@@ -5,6 +5,8 @@ Both are exact metrics that need no feature network, which suits the 2-D toys an
 
 import torch
 
+CHUNK = 2048
+
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     """Energy distance (Szekely & Rizzo): 2 E|X - Y| - E|X - X'| - E|Y - Y'| >= 0, zero iff the laws agree.
@@ -15,9 +17,9 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(2 * _mean_distance(x, y) - _mean_distance(x, x) - _mean_distance(y, y))
 
 
-def _mean_distance(x: torch.Tensor, y: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """Mean Euclidean distance over all pairs, a block of rows at a time (the full matrix can be large)."""
-    total = sum(torch.cdist(x[i:i + chunk], y).sum() for i in range(0, x.shape[0], chunk))
+def _mean_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean Euclidean distance over all pairs, CHUNK rows at a time (the full matrix can be large)."""
+    total = sum(torch.cdist(x[i:i + CHUNK], y).sum() for i in range(0, x.shape[0], CHUNK))
     return total / (x.shape[0] * y.shape[0])
 
 
