@@ -19,6 +19,7 @@ from PIL import Image
 
 from scmlab import data
 from scmlab.data import DataError, Normalizer, make_loader, prepare, read_manifest, verify
+from scmlab.data.readers import digits_test_index
 from scmlab.data.shards import decode, read_shard
 
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -255,15 +256,18 @@ def test_prepare_digits(tmp_path):
     assert [s["count"] for s in m["shards"]] == [500, 500, 500]
     samples = _all_samples(str(tmp_path / "train"))
     ref = load_digits()
+    held_out = digits_test_index()
+    train_index = np.setdiff1d(np.arange(1797), held_out)
+    assert len(held_out) == 297 and len(train_index) == 1500
     i = 1234
-    np.testing.assert_array_equal(_pixels(samples[i][1][0]), np.round(ref.images[i] * 255 / 16))
-    assert samples[i][2] == ref.target[i]
-    # the test split: the held-out last 297, none of them in train
+    np.testing.assert_array_equal(_pixels(samples[i][1][0]), np.round(ref.images[train_index[i]] * 255 / 16))
+    assert [s[2] for s in samples] == ref.target[train_index].tolist()
+    # the test split: the held-out 297, in stored order, none of them in train
     m = prepare("digits", str(tmp_path / "test"), progress=False, split="test")
     assert (m["count"], m["split"]) == (297, "test")
     test = _all_samples(str(tmp_path / "test"))
-    np.testing.assert_array_equal(_pixels(test[0][1][0]), np.round(ref.images[1500] * 255 / 16))
-    assert [t[2] for t in test] == ref.target[1500:].tolist()
+    np.testing.assert_array_equal(_pixels(test[5][1][0]), np.round(ref.images[held_out[5]] * 255 / 16))
+    assert [t[2] for t in test] == ref.target[held_out].tolist()
     with pytest.raises(DataError, match="digits: no split 'val'; its splits: train, test"):
         prepare("digits", str(tmp_path / "val"), progress=False, split="val")
     with pytest.raises(DataError, match="toy-gmm: no split 'test'; its splits: train"):

@@ -78,16 +78,24 @@ def cifar10(path: str, split: str = "train") -> Raw:
     return Raw(np.ascontiguousarray(x), _labels(y, len(x), path), 10)
 
 
-DIGITS_TEST = 297  # the held-out slice: the last 297 of the 1797 digits (1500 train)
+DIGITS_TEST = 297  # held out: 1500 train images remain
+
+
+def digits_test_index() -> np.ndarray:
+    """The held-out digits: DIGITS_TEST indices of the 1797, drawn once at random with seed 0 (sorted), so that test
+    and train come from the same writers and the same collection (a real-vs-real floor, not a shift)."""
+    return np.sort(np.random.default_rng(0).permutation(1797)[:DIGITS_TEST])
 
 
 def digits(split: str = "train") -> Raw:
-    """scikit-learn's 8x8 digits (1797 images, 10 classes); pixel values 0..16 scaled to 0..255. There is no
-    split of this copy (it is UCI's test set): `train` is the first 1500 images in stored order, `test` the last
-    DIGITS_TEST (a fixed held-out slice), `all` the 1797."""
+    """scikit-learn's 8x8 digits (1797 images, 10 classes); pixel values 0..16 scaled to 0..255. There is no published
+    split of this copy (it is UCI's test set): `test` is a fixed random slice of DIGITS_TEST images
+    (`digits_test_index`), `train` the other 1500, `all` the 1797; each in stored order."""
     from sklearn.datasets import load_digits
 
-    slices = {"train": slice(0, -DIGITS_TEST), "test": slice(-DIGITS_TEST, None), "all": slice(None)}
+    test = np.zeros(1797, bool)
+    test[digits_test_index()] = True
+    slices = {"train": ~test, "test": test, "all": np.ones(1797, bool)}
     if split not in slices:
         raise DataError(f"digits: split must be one of {list(slices)}, got {split!r}")
     data = load_digits()

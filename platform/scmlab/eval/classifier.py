@@ -124,8 +124,12 @@ class Classifier:
                         "widths": list(WIDTHS)}, blob)
             info = {**info, "sha256": hashlib.sha256(blob.getvalue()).hexdigest(), "dataset": data.checksum(manifest),
                     "dataset_url": url, "arch": ARCH}
-            data.write_bytes(weights_url, blob.getvalue())
-            data.write_bytes(info_url, json.dumps(info, indent=1).encode())  # last: its presence means both are whole
+            try:
+                data.write_bytes(weights_url, blob.getvalue())
+                data.write_bytes(info_url, json.dumps(info, indent=1).encode())  # last: both are whole once it is
+            except (OSError, ValueError) as e:  # every worker must read the same network: no silent fallback
+                raise OSError(f"cannot store the fd classifier at {weights_url} ({e}); score against a writable "
+                              f"copy of the dataset (eval.reference / --data)") from e
             log.info("fd classifier: held-out accuracy %.4f on %d images -> %s", info["accuracy"], info["held_out"],
                      weights_url)
             found = net, info

@@ -56,8 +56,12 @@ def reference(url: str, extractor, *, batch_size: int = 256, progress: bool = Fa
     stats = features.stats.state_dict()
     np.savez(blob, key=json.dumps(wanted), n=stats["n"], s1=stats["s1"].numpy(), s2=stats["s2"].numpy(),
              kept=features.kept.cpu().numpy(), accuracy=np.nan if features.accuracy is None else features.accuracy)
-    data.write_bytes(where, blob.getvalue())
-    log.info("reference statistics of %s (%s) -> %s", url, extractor.name, where)
+    try:
+        data.write_bytes(where, blob.getvalue())
+        log.info("reference statistics of %s (%s) -> %s", url, extractor.name, where)
+    except (OSError, ValueError) as e:  # a read-only dataset: evaluate anyway, recompute next time
+        log.warning("could not cache the reference statistics at %s (%s); they will be computed again next time",
+                    where, e)
     return features
 
 

@@ -69,12 +69,15 @@ def check(config: Config, manifest: dict) -> None:
 
 
 def prepare(config: Config) -> None:
-    """Make what evaluations read, once, in the driver: the fd classifier and the reference (and test) statistics,
-    cached next to the shards, so that no worker computes them."""
-    if config.eval.every:
-        log.info("evaluation: checking the cached classifier and reference statistics of %s", reference_url(config))
-        Suite(metrics(config, data.read_manifest(reference_url(config))), reference_url(config),
-              test_url=config.eval.test, inception=config.eval.inception or None, batch_size=config.eval.batch_size,
+    """Make what evaluations read, once, in the driver: the fd classifier and its reference (and test) statistics,
+    cached next to the shards, so that no worker computes them. Inception statistics are left to the first
+    evaluation, on rank 0's device: a driver on a CPU head would take hours where a GPU takes a minute."""
+    if not config.eval.every:
+        return
+    chosen = [m for m in metrics(config, data.read_manifest(reference_url(config))) if FEATURES[m] != "inception"]
+    if chosen:
+        log.info("evaluation: the cached classifier and reference statistics of %s", reference_url(config))
+        Suite(chosen, reference_url(config), test_url=config.eval.test, batch_size=config.eval.batch_size,
               progress=True)
 
 
