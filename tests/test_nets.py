@@ -36,13 +36,13 @@ def inputs(data_shape, batch=3, dtype=torch.float32, seed=0):
 
 def test_time_embeddings_follow_their_definitions():
     t = torch.tensor([0.0, 0.7, 1.5], dtype=torch.float64)
-    pos = PositionalEmbedding(8, max_freq=4.0)(t)  # frequencies 4, 0.4, 0.04, 0.004 rad per unit t
+    pos, _ = PositionalEmbedding(8, max_freq=4.0)(t)  # frequencies 4, 0.4, 0.04, 0.004 rad per unit t
     torch.testing.assert_close(pos[:, 0], torch.cos(4.0 * t))
     torch.testing.assert_close(pos[:, 7], torch.sin(0.004 * t))
     fourier = FourierEmbedding(8, sigma_d=0.5).double()
     c_noise = torch.log(0.5 * torch.tan(t[1:])) / 4  # EDM's c_noise(sigma) with sigma = sigma_d tan t
-    torch.testing.assert_close(fourier(t[1:])[:, 0], torch.cos(2 * torch.pi * fourier.freqs[0] * c_noise))
-    assert torch.isfinite(fourier(t)).all()  # t = 0 (sigma = 0) is floored, not log(0)
+    torch.testing.assert_close(fourier(t[1:])[0][:, 0], torch.cos(2 * torch.pi * fourier.freqs[0] * c_noise))
+    assert torch.isfinite(fourier(t)[0]).all()  # t = 0 (sigma = 0) is floored, not log(0)
 
 
 @pytest.mark.parametrize("image", [True, False])
@@ -66,7 +66,9 @@ def test_adaptive_norm_equations(image):
             expected = normalized * spatial(pnorm(s)) + spatial(pnorm(b))
         else:
             expected = normalized * spatial(1 + s) + spatial(b)
-        torch.testing.assert_close(layer(x, emb), expected)
+        y, dy = layer(x, emb)
+        torch.testing.assert_close(y, expected)
+        assert dy is None  # a plain forward carries no tangent
 
 
 CASES = [("mlp", "tiny", (3,)), ("unet", "ci", (1, 8, 8)), ("unet", "ci", (3, 28, 28))]

@@ -20,7 +20,7 @@ ARCHS = ("mlp", "unet")
 TIME_EMBEDDINGS = ("positional", "fourier_logsigma")
 KINDS = ("diffusion", "sct", "scd")
 TANGENT_NORMS = ("l2", "rms", "clip", "none")
-JVP_MODES = ("autograd", "fd")
+JVP_MODES = ("fused", "autograd", "fd")
 OPTIMIZERS = ("adam", "radam")
 SCHEDULES = ("constant", "inv_sqrt")
 EMA_PROFILES = ("halflife", "power")
@@ -114,8 +114,9 @@ class ObjectiveConfig:
     """H of the tangent warmup r = min(1, step / H); 0 turns the warmup off."""
     adaptive_weight: bool = True
     """Learned adaptive weighting exp(w_phi(t)) / D ||.||^2 - w_phi(t); off = plain mean squared error."""
-    jvp: str = "autograd"
-    """How dF/dt is computed: `autograd` (exact forward-mode AD) or `fd` (central finite differences)."""
+    jvp: str = "fused"
+    """How dF/dt is computed: `fused` (the tangent carried through the training forward, layer by layer: one
+    forward for F and F^-), `autograd` (a separate forward-mode AD pass) or `fd` (central finite differences)."""
     guidance_scale: float = 1.0
     """Classifier-free guidance scale applied to the sCD teacher's velocity (1 = no guidance)."""
 
