@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-ARCHS = ("mlp", "unet")
+ARCHS = ("mlp", "unet", "dit")
 TIME_EMBEDDINGS = ("positional", "fourier_logsigma")
 KINDS = ("diffusion", "sct", "scd")
 TANGENT_NORMS = ("l2", "rms", "clip", "none")
@@ -65,9 +65,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = ""
-    """Network family: `mlp` (vectors) or `unet` (images). Required."""
+    """Network family: `mlp` (vectors), `unet` or `dit` (images: the DDPM++/EDM2 UNet, or the diffusion
+    transformer). Required."""
     size: str = ""
-    """Preset name within the family (see scmlab.nets; e.g. `ci`, `small`, `cifar10`, `S`..`XXL`). Required."""
+    """Preset name within the family (see scmlab.nets): mlp `tiny`, `small`, `base`; unet `ci`, `small`, `cifar10`,
+    `S`..`XXL`; dit `ci`, `small`, `S`, `B`, `L`, `XL`. Required."""
     dropout: float | None = None
     """Dropout probability; null keeps the preset's default. The paper uses 0.2 for sCT on CIFAR-10."""
     time_embedding: str = "positional"

@@ -139,7 +139,7 @@ def dropout(x, dx, p: float, training: bool):
         return y, torch.ops.aten.native_dropout_backward(dx, mask, 1 / (1 - p))
 
 
-def attention(q, k, v, dq, dk, dv, chunk: int = ATTENTION_CHUNK):
+def attention(q, k, v, dq, dk, dv):
     """o = softmax(q k^T / sqrt(d)) v over (B, heads, N, d) tensors, by the same kernel as the plain forward
     (scmlab.jvp.attention), and its tangent by an online softmax over blocks of keys. With s = q k^T / sqrt(d),
     p = softmax(s) and ds = (dq k^T + q dk^T) / sqrt(d):
@@ -154,7 +154,7 @@ def attention(q, k, v, dq, dk, dv, chunk: int = ATTENTION_CHUNK):
     if dq is None:
         return o, None
     with torch.no_grad():
-        scale = q.shape[-1] ** -0.5
+        chunk, scale = ATTENTION_CHUNK, q.shape[-1] ** -0.5
         q, dq = q * scale, dq * scale
         acc_dtype = torch.promote_types(o.dtype, torch.float32)
         shape = q.shape[:-1]  # (B, heads, N)
