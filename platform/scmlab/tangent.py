@@ -155,7 +155,8 @@ def attention(q, k, v, dq, dk, dv):
         return o, None
     with torch.no_grad():
         chunk, scale = ATTENTION_CHUNK, q.shape[-1] ** -0.5
-        q, dq = q * scale, dq * scale
+        q = q * scale
+        q_dq = torch.cat([q, dq * scale], dim=-1)  # (B, heads, N, 2d): ds = [q, dq] [dk; k]^T in one product
         acc_dtype = torch.promote_types(o.dtype, torch.float32)
         shape = q.shape[:-1]  # (B, heads, N)
         m = torch.full(shape, -math.inf, dtype=acc_dtype, device=q.device)  # running max of s_ij over j
@@ -164,16 +165,16 @@ def attention(q, k, v, dq, dk, dv):
         acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)  # sum_j exp(s_ij - m_i) (ds_ij v_j + dv_j)
         for start in range(0, k.shape[-2], chunk):
             block = slice(start, start + chunk)
-            kb, dkb = k[..., block, :].transpose(-2, -1), dk[..., block, :].transpose(-2, -1)  # (B, heads, d, chunk)
-            vb, dvb = v[..., block, :], dv[..., block, :]  # (B, heads, chunk, d)
+            kb = k[..., block, :].transpose(-2, -1)  # (B, heads, d, chunk)
             s = (q @ kb).to(acc_dtype)  # (B, heads, N, chunk)
-            ds = (dq @ kb + q @ dkb).to(acc_dtype)
+            ds = (q_dq @ torch.cat([dk[..., block, :].transpose(-2, -1), kb], dim=-2)).to(acc_dtype)
             m_new = torch.maximum(m, s.amax(dim=-1))
             rescale = torch.exp(m - m_new)
-            p = torch.exp(s - m_new[..., None])
-            pds = p * ds
+            p = s.sub_(m_new[..., None]).exp_()  # exp(s_ij - m_i), in place of s
+            pds = ds.mul_(p)
             l = l * rescale + p.sum(dim=-1)
             mu = mu * rescale + pds.sum(dim=-1)
+            vb, dvb = v[..., block, :], dv[..., block, :]  # (B, heads, chunk, d)
             acc = acc * rescale[..., None] + (pds.to(vb.dtype) @ vb + p.to(vb.dtype) @ dvb).to(acc_dtype)
             m = m_new
         do = (acc - mu[..., None] * o.to(acc_dtype)) / l[..., None]
