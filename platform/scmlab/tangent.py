@@ -165,8 +165,8 @@ def attention(q, k, v, dq, dk, dv):
         acc_dtype = torch.promote_types(o.dtype, torch.float32)
         shape = q.shape[:-1]  # (B, heads, N)
         m = torch.full(shape, -math.inf, dtype=acc_dtype, device=q.device)  # running max of s_ij over j
-        l = torch.zeros(shape, dtype=acc_dtype, device=q.device)  # sum_j exp(s_ij - m_i)
-        mu = torch.zeros_like(l)  # sum_j exp(s_ij - m_i) ds_ij
+        denom = torch.zeros(shape, dtype=acc_dtype, device=q.device)  # sum_j exp(s_ij - m_i)
+        mu = torch.zeros_like(denom)  # sum_j exp(s_ij - m_i) ds_ij
         acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)  # sum_j exp(s_ij - m_i) (ds_ij v_j + dv_j)
         for start in range(0, k.shape[-2], chunk):
             block = slice(start, start + chunk)
@@ -177,10 +177,10 @@ def attention(q, k, v, dq, dk, dv):
             rescale = torch.exp(m - m_new)
             p = s.sub_(m_new[..., None]).exp_()  # exp(s_ij - m_i), in place of s
             pds = ds.mul_(p)
-            l = l * rescale + p.sum(dim=-1)
+            denom = denom * rescale + p.sum(dim=-1)
             mu = mu * rescale + pds.sum(dim=-1)
             vb, dvb = v[..., block, :], dv[..., block, :]  # (B, heads, chunk, d)
             acc = acc * rescale[..., None] + (pds.to(vb.dtype) @ vb + p.to(vb.dtype) @ dvb).to(acc_dtype)
             m = m_new
-        do = (acc - mu[..., None] * o.to(acc_dtype)) / l[..., None]
+        do = (acc - mu[..., None] * o.to(acc_dtype)) / denom[..., None]
         return o, do.to(o.dtype)
