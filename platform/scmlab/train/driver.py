@@ -24,6 +24,8 @@ def run(config: Config, *, progress: bool = False) -> dict:
     if config.train.workers:
         from . import distributed
 
+        distributed.connect()
+        config = distributed.placed(config)  # before any MLflow run exists
         run_key = distributed.location(config)[2]
     else:
         run_key = config.run.dir
