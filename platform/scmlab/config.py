@@ -263,6 +263,11 @@ class TrackingConfig:
     """MLflow experiment, created by the driver if missing."""
     system_metrics: bool = True
     """Sample CPU, memory and GPU use of the rank-0 worker into the run (`system/` metrics)."""
+    register: str = ""
+    """Register the final EMA model in MLflow's model registry under this name (a new version per run) and point
+    tracking.register_alias at it; empty = log the model without registering it."""
+    register_alias: str = "candidate"
+    """The alias the registered version gets (`models:/NAME@candidate` loads it)."""
 
     def __post_init__(self):
         _one_of("tracking.kind", self.kind, TRACKERS)
@@ -273,6 +278,12 @@ class TrackingConfig:
                "tracking.uri is required for tracking.kind=mlflow: set it or MLFLOW_TRACKING_URI (`scmlab services "
                "up` prints it), or set tracking.kind=none")
         _check(bool(self.experiment), "tracking.experiment: must not be empty")
+        _check(not self.register or self.kind == "mlflow",
+               "tracking.register: registering the model needs MLflow; set tracking.uri (or MLFLOW_TRACKING_URI)")
+        _check(re.fullmatch(r"[\w-]+", self.register_alias) is not None and
+               re.fullmatch(r"v\d+|latest", self.register_alias, flags=re.I) is None,
+               f"tracking.register_alias: {self.register_alias!r} must be letters, digits, _ or - (not latest or "
+               "vN, which MLflow reserves)")
 
 
 @dataclass

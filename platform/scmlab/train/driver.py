@@ -43,5 +43,7 @@ def run(config: Config, *, progress: bool = False) -> dict:
     if target is not None:
         target = dataclasses.replace(target, run_id=summary["mlflow_run_id"])  # the checkpoint's, if it differed
         summary["mlflow_url"] = mlflow_run.ui_url(target)
-        summary["model_uri"] = mlflow_run.log_ema_model(target, summary["checkpoint"], manifest)
+        summary["model_uri"] = mlflow_run.log_ema_model(target, summary["checkpoint"], manifest,
+                                                        register=config.tracking.register,
+                                                        alias=config.tracking.register_alias)
     return summary
