@@ -2,6 +2,7 @@
 node types rather than the GPUs up at submit time, S3's region from the SDK's chain, and train.workers that no node
 set can ever hold refused at once (issue 13 item 8)."""
 
+import os
 import re
 import shlex
 import time
@@ -109,3 +110,29 @@ def test_more_workers_than_the_cluster_can_ever_hold_fail_at_once(ray_cluster, t
         run(config)
     assert time.monotonic() - started < 90
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # two short Ray Train runs: about a minute
+def test_async_checkpoint_uploads_resume_and_reach_run_dir_byte_for_byte(ray_cluster, toy_shards, make_config,
+                                                                         tmp_path):
+    import glob
+    import tempfile
+
+    from scmlab.train import checkpoint
+    from scmlab.train.driver import run
+
+    def config(steps: int):
+        return make_config(toy_shards, tmp_path / "async", train={"steps": steps, "batch_size": 8, "workers": 2,
+                                                                  "checkpoint_every": 2, "cpus_per_worker": 1.0})
+
+    first = run(config(4))
+    assert first["ray_checkpoint"] == f"{tmp_path / 'async'}/step-000000004"
+    second = run(config(6))  # the same run storage and name: the driver's restart resumes from step 4
+    final = checkpoint.load(second["checkpoint"])
+    assert second["step"] == final["step"] == 6
+    assert all(s["step"] == 6 for s in final["optimizer"]["state"].values())  # steps 5 and 6 only, once each
+    uploaded = tmp_path / "async" / "step-000000006" / "checkpoint.pt"
+    assert open(second["checkpoint"], "rb").read() == uploaded.read_bytes()  # copied, not re-serialized
+    # Ray deleted each local copy once its upload finished.
+    assert glob.glob(os.path.join(tempfile.gettempdir(), "scmlab-step-*")) == []

@@ -91,6 +91,7 @@ class RayCheckpoints:
         import ray.train
 
         self.rank, self.run_uri = rank, run_uri
+        self.preemption_saved = False
         found = ray.train.get_checkpoint()
         self.found = found
         self.latest = f"{run_uri}/{os.path.basename(found.path)}" if found is not None else None
@@ -103,20 +104,36 @@ class RayCheckpoints:
             return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location=map_location, weights_only=True)
 
     def save(self, state, step: int, metrics: dict) -> str:
+        """Write the checkpoint locally and hand it to Ray, which uploads it in the background (training goes on)
+        and deletes the local copy once it is in storage."""
         import ray.train
 
         name = f"step-{step:09d}"
-        with tempfile.TemporaryDirectory() as directory:
-            report = None
-            if self.rank == 0:
-                torch.save(state(), os.path.join(directory, CHECKPOINT_FILE))
-                report = ray.train.Checkpoint.from_directory(directory)
-            # Every rank, the same number of times: a barrier. Ray registers the checkpoint once it is whole in
-            # storage, so an upload cut short is never the one a restart resumes from.
-            ray.train.report({"step": step, **{k: v for k, v in metrics.items() if k == "loss/mean"}},
-                             checkpoint=report, checkpoint_dir_name=name)
+        report = None
+        if self.rank == 0:
+            directory = tempfile.mkdtemp(prefix=f"scmlab-{name}-")
+            torch.save(state(), os.path.join(directory, CHECKPOINT_FILE))
+            report = ray.train.Checkpoint.from_directory(directory)
+        # Every rank, the same number of times: a barrier. Ray registers the checkpoint once it is whole in storage,
+        # so an upload cut short is never the one a restart resumes from.
+        ray.train.report({"step": step, **{k: v for k, v in metrics.items() if k == "loss/mean"}},
+                         checkpoint=report, checkpoint_dir_name=name,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
         self.latest = f"{self.run_uri}/{name}"
         return self.latest
+
+    def preempted(self) -> bool:
+        """True once, when a node of this run has notice of its preemption (a spot reclaim): the loop then writes a
+        just-in-time checkpoint, from which Ray Train resumes the run on the nodes it gets next. A collective: every
+        rank calls it at the same steps."""
+        import ray.train
+
+        if self.preemption_saved or ray.train.get_preemption_info() is None:
+            return False
+        log.warning("preemption notice: writing a checkpoint now")
+        self.preemption_saved = True
+        return True
 
     def last(self) -> str | None:
         return self.latest
@@ -256,8 +273,8 @@ def fit(config: Config, target: mlflow_run.Target | None) -> dict:
     summary = result.return_value
     if "failed" in summary:
         raise not_retried(summary["failed"])
-    with result.checkpoint.as_directory() as directory:
-        state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-    summary["ray_checkpoint"] = summary["checkpoint"]
-    summary["checkpoint"] = checkpoint.save(config.run.dir, state, keep=config.train.keep_checkpoints)
+    with result.checkpoint.as_directory() as directory:  # copied, not loaded: it may not fit the driver's memory
+        path = checkpoint.save(config.run.dir, None, keep=config.train.keep_checkpoints, step=summary["step"],
+                               source=os.path.join(directory, CHECKPOINT_FILE))
+    summary["ray_checkpoint"], summary["checkpoint"] = summary["checkpoint"], path
     return summary

@@ -272,7 +272,8 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
         bar.update(1)
         done = state["step"] == cfg.steps
 
-        if state["step"] % cfg.log_every == 0 or done:
+        logged = state["step"] % cfg.log_every == 0 or done
+        if logged:
             skipped = torch.tensor(float(getattr(loader, "skipped", 0)), device=device)
             if distributed:
                 torch.distributed.all_reduce(skipped)  # summed over the ranks' loaders
@@ -283,7 +284,8 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
                 log.info("step %d %s", state["step"], " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
                 bar.set_postfix(loss=_fmt(metrics.get("loss/mean", float("nan"))))
                 run.log_metrics(metrics, step=state["step"])
-        if state["step"] % cfg.checkpoint_every == 0 or done:
+        # A preemption notice (spot) is asked for at log steps (a collective), and answered with a checkpoint now.
+        if state["step"] % cfg.checkpoint_every == 0 or done or (logged and store.preempted()):
             uri = store.save(snapshot, state["step"], summary["metrics"])
             if rank == 0:
                 summary["checkpoint"] = uri
