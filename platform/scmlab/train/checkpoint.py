@@ -9,17 +9,20 @@ The training loop reads and writes checkpoints through a store: `LocalCheckpoint
 the Ray Train store of scmlab.train.distributed; both hold the same dict.
 """
 
+import io
 import logging
 import os
 import re
 import shutil
 import tempfile
+from urllib.parse import urlparse
 
 import torch
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
+RAY_FILE = "checkpoint.pt"  # the file in each Ray Train checkpoint directory (scmlab.train.distributed)
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -76,7 +79,10 @@ def latest(run_dir: str) -> str | None:
 
 
 def resolve(path: str) -> str:
-    """A checkpoint file, or a run directory standing for its latest checkpoint."""
+    """A checkpoint file, a run directory standing for its latest checkpoint, or a Ray Train checkpoint directory
+    (holding RAY_FILE)."""
+    if os.path.isfile(os.path.join(path, RAY_FILE)):
+        return os.path.join(path, RAY_FILE)
     if os.path.isdir(path):
         found = latest(path)
         if found is None:
@@ -88,7 +94,14 @@ def resolve(path: str) -> str:
 
 
 def load(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint file or the latest one of a run directory."""
+    """Load a checkpoint file, the latest one of a run directory, or one in object storage: an s3:// URI of a Ray
+    Train checkpoint directory (`run.storage/run.name/step-NNNNNNNNN`) or of a checkpoint file."""
+    if urlparse(path).scheme == "s3":
+        from ..data import open_url
+
+        url = path if path.endswith(".pt") else path.rstrip("/") + "/" + RAY_FILE
+        with open_url(url) as f:
+            return torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=True)
     return torch.load(resolve(path), map_location=map_location, weights_only=True)
 
 

@@ -1,6 +1,7 @@
 """The driver of a training run (`scmlab train`, jobs/train.py): everything that happens once per run, around the
 loop. In order: check the inputs (before any worker or MLflow run exists, so a bad config or a missing dataset
-costs nothing and names the field or URL), resolve the MLflow run, train in this process (train.workers = 0) or on
+costs nothing and names the field or URL), make what evaluation reads (scmlab.eval.training.prepare), resolve the
+MLflow run, train in this process (train.workers = 0) or on
 Ray Train workers (scmlab.train.distributed), log the final EMA weights as an MLflow model.
 """
 
@@ -10,6 +11,7 @@ import logging
 import os
 
 from ..config import Config
+from ..eval.training import prepare as prepare_eval
 from . import mlflow_run
 from .loop import check_inputs, train
 
@@ -21,6 +23,7 @@ def run(config: Config, *, progress: bool = False) -> dict:
     "model_uri" (the EMA model). See scmlab.train.loop.train and scmlab.train.distributed.fit."""
     config = config.with_absolute_paths()  # the same meaning on every Ray worker as here
     manifest = check_inputs(config)
+    prepare_eval(config)  # the fd classifier and reference statistics, made once here rather than on a worker
     if config.train.workers:
         from . import distributed
 

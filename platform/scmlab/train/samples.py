@@ -1,9 +1,12 @@
 """Sampling from trained weights, and sample grids as PNG: shared by the training loop and `scmlab sample`.
 
 sCT / sCD students sample with multistep consistency sampling (2 steps: t_max, then 1.1); diffusion models by
-integrating the PF-ODE (Heun). Samples come out in model space; `scmlab.data.Normalizer` maps them to data space.
+integrating the PF-ODE (Heun). `generate` returns samples in model space, `sample_data` in data space (what
+`scmlab sample` writes and evaluation scores). A guidance scale goes to a class-conditional diffusion model as
+classifier-free guidance, and to an sCD student with a guidance input as that input.
 """
 
+import logging
 import math
 
 import numpy as np
@@ -11,10 +14,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from .. import sampling
-from ..config import Config, net_config
+from ..config import SAMPLE_STEPS, Config, net_config
+from ..data import Normalizer
 from ..nets import build_net
 
-DEFAULT_STEPS = {"diffusion": 18, "sct": 2, "scd": 2}  # 18 Heun steps = 35 evaluations, EDM's CIFAR-10 setting
+log = logging.getLogger(__name__)
 
 
 def build_model(config: Config, manifest: dict) -> torch.nn.Module:
@@ -30,20 +34,48 @@ def ema_model(ckpt: dict) -> torch.nn.Module:
     return net.eval().requires_grad_(False)
 
 
+def guidance_scale(config: Config, num_classes: int, guidance: float | None = None) -> float:
+    """The guidance scale to sample at: `guidance`, else train.sample_guidance, else the training scale
+    objective.guidance_scale (1 = unguided). Only a class-conditional diffusion model (classifier-free guidance) and
+    an sCD student with a guidance input take a scale other than 1."""
+    w = next(g for g in (guidance, config.train.sample_guidance, config.objective.guidance_scale) if g is not None)
+    if w != 1.0 and not (config.model.guidance_input or (config.objective.kind == "diffusion" and num_classes)):
+        raise ValueError(f"guidance {w}: only a class-conditional diffusion model (classifier-free guidance) or an "
+                         "sCD student trained with model.guidance_input takes a guidance scale")
+    if config.objective.guidance_max > 1 and not 1 <= w <= config.objective.guidance_max:
+        log.warning("guidance %s lies outside the scales the student was trained on, [1, %s]", w,
+                    config.objective.guidance_max)
+    return w
+
+
 @torch.no_grad()
 def generate(net, config: Config, noise: torch.Tensor, *, steps: int | None = None, class_labels=None,
-             generator=None) -> torch.Tensor:
-    """Samples in model space from standard-normal `noise` (B, ...); steps=None takes the kind's default."""
+             guidance: float | None = None, generator=None) -> torch.Tensor:
+    """Samples in model space from standard-normal `noise` (B, ...); steps=None takes the kind's default, guidance
+    (see guidance_scale) the run's."""
     kind, sigma_d = config.objective.kind, config.objective.sigma_d
-    steps = steps or DEFAULT_STEPS[kind]
+    steps = steps or SAMPLE_STEPS[kind]
+    w = guidance_scale(config, net.num_classes if class_labels is not None else 0, guidance)
     if kind == "diffusion":
-        return sampling.pf_ode_sample(net, noise, sigma_d=sigma_d, num_steps=steps, class_labels=class_labels)
-    guidance = None
-    if config.model.guidance_input:
-        guidance = torch.full((noise.shape[0],), config.objective.guidance_scale, device=noise.device,
-                              dtype=noise.dtype)
+        return sampling.pf_ode_sample(net, noise, sigma_d=sigma_d, num_steps=steps, class_labels=class_labels,
+                                      guidance_scale=w)
+    inputs = torch.full((noise.shape[0],), w, device=noise.device, dtype=noise.dtype) \
+        if config.model.guidance_input else None
     return sampling.consistency_sample(net, noise, sigma_d=sigma_d, times=sampling.consistency_times(steps, sigma_d),
-                                       class_labels=class_labels, guidance=guidance, generator=generator)
+                                       class_labels=class_labels, guidance=inputs, generator=generator)
+
+
+def class_labels(n: int, num_classes: int, device=None, start: int = 0) -> torch.Tensor | None:
+    """The default labels of samples start .. start + n - 1: 0, 1, ..., num_classes - 1, 0, ... (None when the model
+    is unconditional), so that every class is drawn equally often."""
+    return torch.arange(start, start + n, device=device) % num_classes if num_classes else None
+
+
+def sample_data(net, config: Config, manifest: dict, noise: torch.Tensor, **kwargs) -> torch.Tensor:
+    """`generate` (same arguments) mapped to data space, float32 on the noise's device: images clipped to the pixel
+    range [-1, 1], vectors in original units (de-normalized with the manifest's statistics)."""
+    x = Normalizer(manifest).to_data(generate(net, config, noise, **kwargs).float())
+    return x.clamp(-1, 1) if manifest["kind"] == "image" else x
 
 
 def save_grid(samples: np.ndarray, path: str, kind: str) -> None:

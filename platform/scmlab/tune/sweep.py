@@ -30,7 +30,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 
-from ..config import Config, _check, _coerce, _one_of, _reject_unknown, apply_overrides
+from ..config import Config, ConfigError, _check, _coerce, _one_of, _reject_unknown, apply_overrides
 from ..tracking import MLflowTracker, ensure_experiment
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ SWEEP_TAG = "scmlab.sweep"
 TRIAL_TAG = "scmlab.trial"
 RESULTS, FIT = "results.csv", "fit.json"
 ASHA_METRIC = "loss/mean"  # what scmlab.train.distributed.RayCheckpoints reports to Train (and so to Tune)
+EVAL_FIT = ("fid", "fd", "energy", "swd")  # eval keys a law can be fitted to: positive, lower is better
 
 
 class SweepFailed(RuntimeError):
@@ -57,8 +58,8 @@ class SweepConfig:
     """train.seed values (repeats of every size x lr); empty = the base's train.seed only."""
     metric: str = "loss/mse"
     """The logged metric whose final value the law is fitted to. It must be positive: `loss/mse` (the unweighted
-    diffusion loss), or `loss/mean` with objective.adaptive_weight=false (the adaptive-weighted loss can be
-    negative)."""
+    diffusion loss), `loss/mean` with objective.adaptive_weight=false (the adaptive-weighted loss can be
+    negative), or an eval score `eval/<fid|fd|energy|swd>/<sampler>` (needs eval.every > 0)."""
     scheduler: str = "fifo"
     """`fifo`: every trial to train.steps (the scaling grid); `asha`: stop poor learning rates early, for
     learning-rate pre-sweeps only (stopping small models early biases a scaling fit). ASHA ranks trials by the
@@ -114,10 +115,23 @@ class SweepConfig:
             _check(base.objective.kind == "diffusion",
                    f"sweep.metric: loss/mse is logged by objective.kind=diffusion only, not {base.objective.kind}; "
                    "use sweep.metric=loss/mean with objective.adaptive_weight=false")
+        elif self.metric.startswith("eval/"):
+            parts = self.metric.split("/")
+            _check(len(parts) == 3 and parts[1] in EVAL_FIT,
+                   f"sweep.metric: {self.metric!r} is not a positive eval score of which lower is better: "
+                   f"eval/<{'|'.join(EVAL_FIT)}>/<sampler>, e.g. eval/fd/2step (kid, an unbiased estimate, can be "
+                   "negative)")
+            _check(base.eval.every > 0, f"sweep.metric: {self.metric} is logged by evaluations; set eval.every > 0 "
+                                        f"(e.g. eval.every={base.train.steps}: once, at the end)")
+            samplers = base.eval_samplers()
+            _check(parts[2] in samplers, f"sweep.metric: {self.metric} names sampler {parts[2]!r}, but eval.steps "
+                                         f"scores {', '.join(samplers)} for objective.kind={base.objective.kind}")
+            _check(not base.eval.metrics or parts[1] in base.eval.metrics,
+                   f"sweep.metric: {self.metric} is not logged: eval.metrics is {base.eval.metrics}; add {parts[1]}")
         else:
             _check(self.metric.startswith("loss/bin"),
-                   f"sweep.metric: {self.metric!r} is not a positive training metric; use loss/mse (diffusion) or "
-                   "loss/mean (with objective.adaptive_weight=false)")
+                   f"sweep.metric: {self.metric!r} is not a positive training metric; use loss/mse (diffusion), "
+                   "loss/mean (with objective.adaptive_weight=false) or an eval score (eval/fd/2step)")
 
     def grid(self, base: Config) -> list["Trial"]:
         seeds = self.seeds or [base.train.seed]
@@ -180,9 +194,9 @@ def compute(config: Config, manifest: dict) -> dict:
     from . import flops
 
     shape, num_classes = tuple(manifest["shape"]), int(manifest.get("num_classes", 0))
+    guided = config.objective.guidance_scale != 1.0 or config.objective.guidance_max > 1  # 2 teacher forwards
     per_sample = flops.train_flops_per_sample(config.model, config.objective.kind, shape, num_classes,
-                                              cfg_guidance=config.objective.guidance_scale != 1.0,
-                                              jvp=config.objective.jvp)
+                                              cfg_guidance=guided, jvp=config.objective.jvp)
     per_step = per_sample * config.train.batch_size
     return {"params": flops.parameter_count(config.model, shape, num_classes), "flops_per_sample": per_sample,
             "flops_per_step": per_step, "total_flops": per_step * config.train.steps}
@@ -192,12 +206,18 @@ def run(base: Config, sweep: SweepConfig) -> dict:
     """Run the sweep to the end (resuming a recorded one) and fit the law. Returns {"trials": names trained now,
     "reused": names found recorded, "results": path of the table, "fit": the fit summary (see `analyse`),
     "mlflow_run_id" and "mlflow_url": the parent run (the URL None without a tracking server)}."""
+    from ..eval.training import metrics as eval_metrics
+    from ..eval.training import prepare as prepare_eval
     from ..train import distributed
     from ..train.loop import check_inputs
     from .scaling import read_results
 
     base = base.with_absolute_paths()  # the same meaning in every trial and on every worker as here
     manifest = check_inputs(base)
+    if sweep.metric.startswith("eval/") and sweep.metric.split("/")[1] not in eval_metrics(base, manifest):
+        raise ConfigError(f"sweep.metric: {sweep.metric} is not logged: eval.metrics resolves to "
+                          f"{eval_metrics(base, manifest)} for this data; set eval.metrics")
+    prepare_eval(base)  # the classifier and reference statistics, once, before the trials read them
     distributed.connect()
     base = distributed.placed(base)  # train.device decided here, for every trial
     grid = sweep.grid(base)
