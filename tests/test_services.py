@@ -145,7 +145,7 @@ def test_cluster_yaml_is_a_valid_ray_cluster_config():
     assert '"scmlab[cluster] @ git+${SCMLAB_REPO}@${SCMLAB_COMMIT}"' in setup
     head_start = "\n".join(config["head_start_ray_commands"])
     assert "mlflow server" in head_start and "--artifacts-destination s3://" in head_start
-    assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000 ray start" in "\n".join(config["worker_start_ray_commands"])
+    assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in "\n".join(config["worker_start_ray_commands"])
     for key in ("setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
         for command in config[key]:
             subprocess.run(["bash", "-n", "-c", command], check=True)  # shell syntax

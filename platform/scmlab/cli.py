@@ -162,6 +162,20 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--home", help="state directory (default: $SCMLAB_HOME or ./.scmlab)")
     a.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments, after --")
     a.set_defaults(func=cmd_services_run)
+    a = actions.add_parser("store", help="save or restore an MLflow sqlite store in S3 (a cluster head's)",
+                           description="save: a consistent copy of DB to URL (--every S: every S seconds, forever); "
+                                       "restore: URL to DB when DB is missing. S3 access from the AWS chain "
+                                       "(scmlab.mlflow_store).")
+    a.add_argument("op", choices=("save", "restore"))
+    a.add_argument("--db", required=True, help="the sqlite file of the MLflow server's --backend-store-uri")
+    a.add_argument("--url", required=True, help="s3://bucket/key of the kept copy")
+    a.add_argument("--every", type=float, default=0, help="save: repeat every this many seconds (0: once)")
+    a.set_defaults(func=cmd_services_store)
+    a = actions.add_parser("secrets", help="create the cluster's secrets (Ray token, MLflow password); print paths",
+                           description="The files cluster.yaml's file_mounts copy to every node, created once "
+                                       "(mode 0600) in the home; prints their paths as JSON, never their contents.")
+    a.add_argument("--home", help="state directory (default: $SCMLAB_HOME or ./.scmlab)")
+    a.set_defaults(func=cmd_services_secrets)
 
     s = sub.add_parser("storage", help="start, stop or show the local object store alone",
                        description="The embedded SeaweedFS S3 server on 127.0.0.1, without MLflow.")
@@ -353,6 +367,26 @@ def cmd_services_run(args) -> int:
     if not command:
         raise SystemExit("scmlab services run: give the command after --, e.g. scmlab services run -- env")
     os.execvpe(command[0], command, {**os.environ, **services.env_for_clients(args.home)})
+
+
+def cmd_services_secrets(args) -> int:
+    from . import services
+
+    sys.stdout.write(json.dumps(services.cluster_secrets(args.home), indent=2) + "\n")
+    return 0
+
+
+def cmd_services_store(args) -> int:
+    from . import mlflow_store
+    from .data import s3
+
+    if args.op == "restore":
+        mlflow_store.restore(args.db, args.url, s3.client())
+    elif args.every > 0:
+        mlflow_store.keep(args.db, args.url, s3.client(), args.every)
+    else:
+        mlflow_store.snapshot(args.db, args.url, s3.client())
+    return 0
 
 
 def cmd_storage(args) -> int:

@@ -208,7 +208,12 @@ class TrainConfig:
     steps: int = 1000
     """Optimizer steps in total (a resumed run continues up to this count)."""
     batch_size: int = 128
-    """Global batch size per optimizer step: each of the train.workers processes takes batch_size / workers."""
+    """Global batch size per optimizer step: each of the train.workers processes takes batch_size / workers (in
+    train.grad_accum micro-batches)."""
+    grad_accum: int = 1
+    """Gradient accumulation: each worker's share of the batch goes through the network in this many equal
+    micro-batches, DDP synchronizing on the last one only; the update is the full batch's. Raise it when a worker's
+    share does not fit its GPU."""
     seed: int = 0
     """Seed of everything: initialization, and each step's noise, times, dropout and data from (seed, rank, step)."""
     ema: str = "halflife"
@@ -247,7 +252,7 @@ class TrainConfig:
     """Ray Train restarts the workers from the last checkpoint after up to this many failures (-1 = no limit)."""
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "max_bad_steps"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "max_bad_steps"):
             _check(getattr(self, name) >= 1, f"train.{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("seed", "keep_checkpoints", "sample_every", "workers"):
             _check(getattr(self, name) >= 0, f"train.{name}: must be >= 0, got {getattr(self, name)}")
@@ -266,6 +271,10 @@ class TrainConfig:
         _check(self.batch_size % max(self.workers, 1) == 0,
                f"train.batch_size: {self.batch_size} does not split evenly over train.workers={self.workers}; use a "
                f"multiple of {self.workers}")
+        parts = max(self.workers, 1) * self.grad_accum
+        _check(self.batch_size % parts == 0,
+               f"train.grad_accum: batch_size {self.batch_size} does not split into {self.grad_accum} micro-batches "
+               f"on each of {max(self.workers, 1)} worker(s); use a batch_size multiple of {parts}")
 
 
 @dataclass
@@ -326,6 +335,11 @@ class TrackingConfig:
     """MLflow experiment, created by the driver if missing."""
     system_metrics: bool = True
     """Sample CPU, memory and GPU use of the rank-0 worker into the run (`system/` metrics)."""
+    register: str = ""
+    """Register the final EMA model in MLflow's model registry under this name (a new version per run) and point
+    tracking.register_alias at it; empty = log the model without registering it."""
+    register_alias: str = "candidate"
+    """The alias the registered version gets (`models:/NAME@candidate` loads it)."""
 
     def __post_init__(self):
         _one_of("tracking.kind", self.kind, TRACKERS)
@@ -336,6 +350,12 @@ class TrackingConfig:
                "tracking.uri is required for tracking.kind=mlflow: set it or MLFLOW_TRACKING_URI (`scmlab services "
                "up` prints it), or set tracking.kind=none")
         _check(bool(self.experiment), "tracking.experiment: must not be empty")
+        _check(not self.register or self.kind == "mlflow",
+               "tracking.register: registering the model needs MLflow; set tracking.uri (or MLFLOW_TRACKING_URI)")
+        _check(re.fullmatch(r"[\w-]+", self.register_alias) is not None and
+               re.fullmatch(r"v\d+|latest", self.register_alias, flags=re.I) is None,
+               f"tracking.register_alias: {self.register_alias!r} must be letters, digits, _ or - (not latest or "
+               "vN, which MLflow reserves)")
 
 
 @dataclass

@@ -4,11 +4,16 @@ State lives in a home directory (`.scmlab/` under the working directory, `$SCMLA
 
     credentials.json  generated S3 credentials, mode 0600: the only file that holds them
     ray_auth_token    the token of Ray's token authentication, mode 0600, for a Ray head started with the
-                      services' environment and for its clients (`ray job submit`, drivers)
+                      services' environment and for its clients (`ray job submit`, drivers); cluster.yaml mounts
+                      it on every node
+    mlflow_password   mode 0600, the cluster's MLflow admin password (cluster.yaml mounts it on every node; the
+                      local MLflow server, on 127.0.0.1, does not use it)
     storage.json      `weed mini`: pid, command line, port, endpoint, data dir, log
     storage/          SeaweedFS data           storage.log   its output
     mlflow.json       `mlflow server`: pid, command line, port, tracking URI, artifact destination, log
     mlflow.db         MLflow's sqlite store    mlflow.log    its output
+                      (kept in the bucket too, at s3://BUCKET/mlflow-store/mlflow.db: `services down` saves it
+                      there and `services up` restores it into an emptied home; see scmlab.mlflow_store)
 
 The servers run in sessions of their own, so they outlive the command that started them; `*_up` finds a running
 server again through its state file (its pid alive and running the recorded command line) and returns it unchanged.
@@ -32,11 +37,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+from . import mlflow_store
+
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 CREDENTIALS_FILE = "credentials.json"
 RAY_TOKEN_FILE = "ray_auth_token"
+MLFLOW_PASSWORD_FILE = "mlflow_password"
+BUCKET = "scmlab"  # the services' bucket: data, MLflow's artifacts and its store
 GRPC_OFFSET = 10000  # SeaweedFS serves a component's gRPC on its HTTP port + 10000
 
 # Servers started by this process, kept so that they are reaped (no zombies, no ResourceWarning) when stopped here.
@@ -54,7 +63,7 @@ def resolve_home(home: str | os.PathLike | None = None) -> Path:
 
 # ---------------------------------------------------------------------------------------------------------- storage
 
-def storage_up(home=None, port: int | None = None, bucket: str = "scmlab", timeout: float = 60.0) -> dict:
+def storage_up(home=None, port: int | None = None, bucket: str = BUCKET, timeout: float = 60.0) -> dict:
     """Start SeaweedFS's all-in-one `weed mini` (or find the running one) and make sure `bucket` exists.
 
     Returns the state: {"endpoint", "bucket", "pid", "port", "data_dir", "log", ...}. Without `port`, a server that
@@ -144,6 +153,8 @@ def mlflow_up(home=None, port: int | None = None, timeout: float = 90.0) -> dict
 
     port = port or _previous_port(state) or _free_port()
     destination = f"s3://{storage['bucket']}/mlflow"
+    mlflow_store.restore(home / "mlflow.db", store_url(storage["bucket"]),
+                         _s3_client(home, storage["endpoint"]))
     # One worker: sqlite has one writer, and several server processes race on it ("database is locked").
     argv = [sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(port),
             "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", destination,
@@ -178,10 +189,19 @@ def services_up(home=None) -> dict:
 
 
 def services_down(home=None, timeout: float = 20.0) -> None:
-    """Stop MLflow, then SeaweedFS (each process group: SIGTERM, then SIGKILL after `timeout`). Data is kept."""
+    """Stop MLflow, then SeaweedFS (each process group: SIGTERM, then SIGKILL after `timeout`). Data is kept, and
+    MLflow's store is saved to the bucket first (so that a wiped home gets it back)."""
     home = resolve_home(home)
+    storage = services_status(home)["storage"]
+    if storage is not None:
+        mlflow_store.snapshot(home / "mlflow.db", store_url(BUCKET), _s3_client(home, storage["endpoint"]))
     for name in ("mlflow", "storage"):
         _stop(home, name, timeout)
+
+
+def store_url(bucket: str) -> str:
+    """Where MLflow's store is kept in the bucket (next to the artifacts, s3://BUCKET/mlflow)."""
+    return f"s3://{bucket}/mlflow-store/mlflow.db"
 
 
 def services_status(home=None) -> dict:
@@ -215,6 +235,14 @@ def ray_token(home: Path) -> Path:
     """The path of the Ray token, generated once (256 random bits, as `ray get-auth-token --generate` makes it) into
     a 0600 file. Rotate it by deleting the file and restarting the Ray head and its clients."""
     return _secret_file(home, RAY_TOKEN_FILE, lambda: secrets.token_hex(32))
+
+
+def cluster_secrets(home=None) -> dict:
+    """{"ray_auth_token": path, "mlflow_password": path}: the secrets that cluster.yaml's file_mounts copy to every
+    node, generated once (0600) in the home; never in the YAML, never on a command line."""
+    home = resolve_home(home)
+    return {"ray_auth_token": str(ray_token(home)),
+            "mlflow_password": str(_secret_file(home, MLFLOW_PASSWORD_FILE, lambda: secrets.token_urlsafe(24)))}
 
 
 # ------------------------------------------------------------------------------------------------------- machinery

@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import re
+import shutil
 import tempfile
 from urllib.parse import urlparse
 
@@ -28,15 +29,20 @@ def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
-def save(run_dir: str, state: dict, keep: int = 0) -> str:
-    """Write `state` as the checkpoint of step state["step"]; keep the `keep` newest (0 = all). Returns the path."""
+def save(run_dir: str, state: dict | None, keep: int = 0, *, step: int | None = None, source: str | None = None) -> str:
+    """Write `state` as the checkpoint of step state["step"], or copy the checkpoint file `source` as that of `step`
+    (chunk by chunk: a large checkpoint is never loaded for it); keep the `keep` newest (0 = all). Returns the path."""
     directory = checkpoint_dir(run_dir)
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"step-{state['step']:09d}.pt")
+    path = os.path.join(directory, f"step-{state['step'] if source is None else step:09d}.pt")
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".step-", suffix=".pt.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            if source is None:
+                torch.save(state, f)
+            else:
+                with open(source, "rb") as src:
+                    shutil.copyfileobj(src, f, 16 << 20)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -117,6 +123,10 @@ class LocalCheckpoints:
     def save(self, state, step: int, metrics: dict) -> str | None:
         """Write state() (a callable: other ranks never build it) as the checkpoint of `step`; its path on rank 0."""
         return save(self.run_dir, state(), keep=self.keep) if self.rank == 0 else None
+
+    def preempted(self) -> bool:
+        """No preemption notices outside Ray Train."""
+        return False
 
     def last(self) -> str | None:
         """Where the newest complete checkpoint is (for error messages)."""

@@ -45,8 +45,24 @@ def location(config: Config) -> tuple[str, object, str]:
     from pyarrow.fs import S3FileSystem
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return storage.removeprefix("s3://"), S3FileSystem(endpoint_override=endpoint, region=region), uri
+    filesystem = S3FileSystem(endpoint_override=endpoint, region=s3_region(storage, endpoint))
+    return storage.removeprefix("s3://"), filesystem, uri
+
+
+def s3_region(storage: str, endpoint: str | None) -> str:
+    """The region for pyarrow, which does not follow S3's region redirects: the SDK's chain (AWS_REGION,
+    AWS_DEFAULT_REGION, the profile's config), else the bucket's own region asked of AWS (an EC2 node with an instance
+    profile and no config), else us-east-1 for an S3-compatible endpoint of your own (which ignores it)."""
+    import boto3
+
+    region = os.environ.get("AWS_REGION") or boto3.session.Session().region_name  # boto3 reads AWS_DEFAULT_REGION
+    if region:
+        return region
+    if endpoint:
+        return "us-east-1"
+    from pyarrow.fs import resolve_s3_region
+
+    return resolve_s3_region(storage.removeprefix("s3://").split("/")[0])
 
 
 # Failures that would recur on every restart (a diverging run, data that cannot be read, a config the data refuses):
@@ -75,6 +91,7 @@ class RayCheckpoints:
         import ray.train
 
         self.rank, self.run_uri = rank, run_uri
+        self.preemption_saved = False
         found = ray.train.get_checkpoint()
         self.found = found
         self.latest = f"{run_uri}/{os.path.basename(found.path)}" if found is not None else None
@@ -87,22 +104,38 @@ class RayCheckpoints:
             return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location=map_location, weights_only=True)
 
     def save(self, state, step: int, metrics: dict) -> str:
+        """Write the checkpoint locally and hand it to Ray, which uploads it in the background (training goes on)
+        and deletes the local copy once it is in storage."""
         import ray.train
 
         name = f"step-{step:09d}"
-        with tempfile.TemporaryDirectory() as directory:
-            report = None
-            if self.rank == 0:
-                torch.save(state(), os.path.join(directory, CHECKPOINT_FILE))
-                report = ray.train.Checkpoint.from_directory(directory)
-            # Every rank, the same number of times: a barrier. Ray registers the checkpoint once it is whole in
-            # storage, so an upload cut short is never the one a restart resumes from.
-            # loss/mean for ASHA; eval/ scores for CheckpointConfig's checkpoint_score_attribute (eval.best)
-            ray.train.report({"step": step, **{k: v for k, v in metrics.items()
-                                               if k == "loss/mean" or k.startswith("eval/")}},
-                             checkpoint=report, checkpoint_dir_name=name)
+        report = None
+        if self.rank == 0:
+            directory = tempfile.mkdtemp(prefix=f"scmlab-{name}-")
+            torch.save(state(), os.path.join(directory, CHECKPOINT_FILE))
+            report = ray.train.Checkpoint.from_directory(directory)
+        # Every rank, the same number of times: a barrier. Ray registers the checkpoint once it is whole in storage,
+        # so an upload cut short is never the one a restart resumes from.
+        # loss/mean for ASHA; eval/ scores for CheckpointConfig's checkpoint_score_attribute (eval.best)
+        ray.train.report({"step": step, **{k: v for k, v in metrics.items()
+                                           if k == "loss/mean" or k.startswith("eval/")}},
+                         checkpoint=report, checkpoint_dir_name=name,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
         self.latest = f"{self.run_uri}/{name}"
         return self.latest
+
+    def preempted(self) -> bool:
+        """True once, when a node of this run has notice of its preemption (a spot reclaim): the loop then writes a
+        just-in-time checkpoint, from which Ray Train resumes the run on the nodes it gets next. A collective: every
+        rank calls it at the same steps."""
+        import ray.train
+
+        if self.preemption_saved or ray.train.get_preemption_info() is None:
+            return False
+        log.warning("preemption notice: writing a checkpoint now")
+        self.preemption_saved = True
+        return True
 
     def last(self) -> str | None:
         return self.latest
@@ -139,12 +172,74 @@ def connect() -> None:
         ray.init(runtime_env={"py_modules": [PACKAGE_DIR]})
 
 
-def use_gpu(config: Config) -> bool:
+def capacity() -> list[dict]:
+    """The resources of every node the cluster can ever hold: an autoscaling cluster's configured node types (the
+    autoscaler's config at $SCMLAB_CLUSTER_CONFIG, which cluster.yaml's head sets: the head once, each worker type
+    max_workers times within the cluster's max_workers), else the nodes alive now. Decisions taken from this (GPU or
+    not, how many trials at once, whether train.workers can ever start) do not depend on what happens to be up at
+    submit time: cluster.yaml starts with no GPU node."""
+    path = os.environ.get("SCMLAB_CLUSTER_CONFIG")
+    if path:
+        import yaml
+
+        with open(os.path.expanduser(path)) as f:
+            return configured_nodes(yaml.safe_load(f), path)
     import ray
 
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
+def configured_nodes(cluster: dict, source: str) -> list[dict]:
+    """The nodes of a Ray cluster config at full scale (see `capacity`); node types must state their CPU and GPU."""
+    types = cluster["available_node_types"]
+    for name, node_type in types.items():
+        if not {"CPU", "GPU"} <= set(node_type.get("resources") or {}):
+            raise ConfigError(f"{source}: available_node_types.{name}.resources must state CPU and GPU (e.g. "
+                              "{CPU: 4, GPU: 1}): scmlab decides GPU use and trial concurrency from them")
+    nodes = [types[cluster["head_node_type"]]["resources"]]
+    room = cluster.get("max_workers", 2)
+    for name, node_type in types.items():
+        count = min(node_type.get("max_workers", 0) if name != cluster["head_node_type"] else 0, room)
+        nodes += [node_type["resources"]] * count
+        room -= count
+    return nodes
+
+
+def use_gpu(config: Config, nodes: list[dict]) -> bool:
+    """train.device, `auto`: GPU workers when the cluster can ever have a GPU (see `capacity`)."""
     if config.train.device != "auto":
         return config.train.device == "cuda"
-    return ray.cluster_resources().get("GPU", 0) > 0
+    return any(node.get("GPU", 0) > 0 for node in nodes)
+
+
+def check_fits(config: Config, nodes: list[dict], gpu: bool) -> None:
+    """Refuse train.workers that the cluster can never place (Ray would wait for them forever)."""
+    need = {"CPU": config.train.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    fits = sum(int(min(node.get(key, 0) // amount for key, amount in need.items())) for node in nodes)
+    if config.train.workers > fits:
+        raise ConfigError(
+            f"train.workers: {config.train.workers} workers of {need} each can never run on this cluster, which holds "
+            f"at most {fits} ({len(nodes)} node(s) at full scale, {total(nodes)}); lower train.workers or "
+            "train.cpus_per_worker, or raise the node types' max_workers in cluster.yaml")
+
+
+def placed(config: Config) -> Config:
+    """`config` with train.device decided for the cluster it will run on (`auto`: see `use_gpu`), once its
+    train.workers are known to fit (`check_fits`): decided by the driver, so that the workers and every sweep trial,
+    wherever Ray runs them, agree."""
+    nodes = capacity()
+    gpu = use_gpu(config, nodes)
+    check_fits(config, nodes, gpu)
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, device="cuda" if gpu else "cpu"))
+
+
+def total(nodes: list[dict]) -> dict:
+    """The summed resources of `nodes`."""
+    summed = {}
+    for node in nodes:
+        for key, amount in node.items():
+            summed[key] = summed.get(key, 0) + amount
+    return {key: summed[key] for key in ("CPU", "GPU") if key in summed}
 
 
 def checkpoint_config(config: Config):
@@ -167,7 +262,7 @@ def trainer(config: Config, target: dict | None, callbacks=()):
     from ray.train.torch import TorchTrainer
 
     storage_path, filesystem, run_uri = location(config)
-    gpu = use_gpu(config)
+    gpu = use_gpu(config, capacity())
     log.info("Ray Train: %d worker(s) x %s, batch %d each, run %s", config.train.workers,
              "1 GPU" if gpu else f"{config.train.cpus_per_worker:g} CPU",
              config.train.batch_size // config.train.workers, run_uri)
@@ -193,8 +288,8 @@ def fit(config: Config, target: mlflow_run.Target | None) -> dict:
     summary = result.return_value
     if "failed" in summary:
         raise not_retried(summary["failed"])
-    with result.checkpoint.as_directory() as directory:
-        state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-    summary["ray_checkpoint"] = summary["checkpoint"]
-    summary["checkpoint"] = checkpoint.save(config.run.dir, state, keep=config.train.keep_checkpoints)
+    with result.checkpoint.as_directory() as directory:  # copied, not loaded: it may not fit the driver's memory
+        path = checkpoint.save(config.run.dir, None, keep=config.train.keep_checkpoints, step=summary["step"],
+                               source=os.path.join(directory, CHECKPOINT_FILE))
+    summary["ray_checkpoint"], summary["checkpoint"] = summary["checkpoint"], path
     return summary

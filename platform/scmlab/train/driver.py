@@ -27,6 +27,8 @@ def run(config: Config, *, progress: bool = False) -> dict:
     if config.train.workers:
         from . import distributed
 
+        distributed.connect()
+        config = distributed.placed(config)  # before any MLflow run exists
         run_key = distributed.location(config)[2]
     else:
         run_key = config.run.dir
@@ -44,5 +46,7 @@ def run(config: Config, *, progress: bool = False) -> dict:
     if target is not None:
         target = dataclasses.replace(target, run_id=summary["mlflow_run_id"])  # the checkpoint's, if it differed
         summary["mlflow_url"] = mlflow_run.ui_url(target)
-        summary["model_uri"] = mlflow_run.log_ema_model(target, summary["checkpoint"], manifest)
+        summary["model_uri"] = mlflow_run.log_ema_model(target, summary["checkpoint"], manifest,
+                                                        register=config.tracking.register,
+                                                        alias=config.tracking.register_alias)
     return summary

@@ -7,6 +7,7 @@ order, t, z, dropout, label dropout) from (seed, rank, step), so a run resumed f
 as an uninterrupted one. Metrics are namespaced (loss/, tangent/, weight/, optim/, time/, data/, train/).
 """
 
+import contextlib
 import logging
 import math
 import os
@@ -246,14 +247,17 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
         seed = step_seed(cfg.seed, rank, step)
         torch.manual_seed(seed)  # dropout and label dropout draw from the global generator
         generator = torch.Generator(device=device).manual_seed(seed)
+        # The step's t and z for the whole local batch, whatever train.grad_accum: accumulation changes how the
+        # batch goes through the network, not what it is.
         t = trigflow.sample_t(x0.shape[0], config.objective.P_mean, config.objective.P_std,
                               config.objective.sigma_d, generator=generator, device=device, dtype=x0.dtype)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            extra = {} if guidance is None else {"guidance": guidance}
-            per_sample, stats = objective(model, x0, labels, step=step, generator=generator, t=t, **extra)
-        loss = per_sample.mean()
+        z = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype) * config.objective.sigma_d
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        per_sample, stats = backward(
+            objective, model, x0, labels, t, z, step=step, generator=generator, micro_batches=cfg.grad_accum,
+            guidance=guidance,
+            autocast=lambda: torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None))
+        loss = per_sample.mean()
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), config.optim.grad_clip or math.inf)
         # Gradients (hence their norm) are all-reduced under DDP, the loss is not: agree on the decision, so that
         # every rank skips the same steps and stops at the same step (-1: a rank could not read its data). The flag
@@ -292,7 +296,8 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
         bar.update(1)
         done = state["step"] == cfg.steps
 
-        if state["step"] % cfg.log_every == 0 or done:
+        logged = state["step"] % cfg.log_every == 0 or done
+        if logged:
             skipped = torch.tensor(float(getattr(loader, "skipped", 0)), device=device)
             if distributed:
                 torch.distributed.all_reduce(skipped)  # summed over the ranks' loaders
@@ -305,7 +310,8 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
                 run.log_metrics(metrics, step=state["step"])
         if evaluator is not None and evaluator.due(state["step"], done):
             summary["metrics"] = {**summary["metrics"], **evaluator(ema.module, state["step"], run)}
-        if state["step"] % cfg.checkpoint_every == 0 or done:
+        # A preemption notice (spot) is asked for at log steps (a collective), and answered with a checkpoint now.
+        if state["step"] % cfg.checkpoint_every == 0 or done or (logged and store.preempted()):
             uri = store.save(snapshot, state["step"], summary["metrics"])
             if rank == 0:
                 summary["checkpoint"] = uri
@@ -319,6 +325,41 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
     summary["step"] = state["step"]
     summary["bad_steps"] = state["bad_steps"]
     return summary
+
+
+def backward(objective, model, x0, labels, t, z, *, step: int, generator, micro_batches: int = 1, guidance=None,
+             autocast=contextlib.nullcontext):
+    """Forward and backward of one step's local batch (x0, labels, t, z, guidance: B rows) in `micro_batches` equal
+    parts (gradient accumulation, train.grad_accum). Each part back-propagates the sum of its per-sample losses over
+    B, so the gradients add up to those of the whole batch's mean loss; under DDP every part but the last runs in
+    `no_sync()`, so the gradients are all-reduced once. The forwards run under `autocast()`, the backwards outside
+    it. Returns the per-sample losses (B,) and the statistics: the parts' mean, or their maximum for `*_max` keys."""
+    B = x0.shape[0]
+    size = B // micro_batches
+    no_sync = getattr(model, "no_sync", None)
+    per_sample, stats = [], []
+    for i in range(0, B, size):
+        rows = slice(i, i + size)
+        last = i + size >= B
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            with autocast():
+                extra = {} if guidance is None else {"guidance": guidance[rows]}
+                part, part_stats = objective(model, x0[rows], None if labels is None else labels[rows], step=step,
+                                             generator=generator, t=t[rows], z=z[rows], **extra)
+            (part.sum() / B).backward()
+        per_sample.append(part.detach())
+        stats.append(part_stats)
+    if len(stats) == 1:
+        return per_sample[0], stats[0]
+    return torch.cat(per_sample), {key: _combine([s[key] for s in stats], key.endswith("_max")) for key in stats[0]}
+
+
+def _combine(values: list, maximum: bool):
+    """The maximum or the mean of per-part statistics (0-dim tensors stay on their device: no sync here)."""
+    if isinstance(values[0], torch.Tensor):
+        stacked = torch.stack(values)
+        return stacked.amax() if maximum else stacked.mean()
+    return max(values) if maximum else sum(values) / len(values)
 
 
 def _shared_message(error: Exception | None, rank: int, world_size: int, device: torch.device) -> str:

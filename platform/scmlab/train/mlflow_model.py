@@ -1,8 +1,9 @@
 """The final EMA weights as an MLflow pyfunc model: `mlflow.pyfunc.load_model(uri).predict(noise)` samples.
 
 A "model from code": MLflow stores this file with the model and runs it to load it (so its imports are absolute),
-plus one artifact, a training checkpoint (state dicts and the resolved config, read with
-torch.load(weights_only=True)). Nothing is pickled; loading needs scmlab installed (pip requirement `scmlab`).
+plus one artifact, the EMA weights with the resolved config and manifest (read with torch.load(weights_only=True)),
+and the scmlab package as code (MLflow puts it on sys.path when loading). Nothing is pickled; loading needs torch
+and numpy, not an scmlab install.
 """
 
 import mlflow.models

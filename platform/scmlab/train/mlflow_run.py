@@ -7,8 +7,8 @@ and rank 0 writes the run id into every checkpoint, so a resumed worker logs to 
 between the last checkpoint and a failure are logged again by the resumed run, at the same step numbers.
 
 The final EMA weights are logged as an MLflow model (`log_ema_model`): a pyfunc (scmlab.train.mlflow_model) whose
-artifact is the checkpoint file and whose `predict` maps standard-normal noise to samples in data space, as
-`scmlab sample` does.
+artifact is the EMA weights with the config (no optimizer), with the scmlab package as its code, and whose `predict`
+maps standard-normal noise to samples in data space, as `scmlab sample` does.
 """
 
 import dataclasses
@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "scmlab.run"
 MODEL_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mlflow_model.py")  # the pyfunc, from code
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../scmlab, shipped with the model
+EMA_KEYS = ("ema", "step", "config", "manifest")  # what the model needs of a checkpoint (scmlab.train.samples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,14 +78,34 @@ def fail(target: Target | None, status: str = "FAILED") -> None:
         MlflowClient(target.uri).set_terminated(target.run_id, status=status)
 
 
-def log_ema_model(target: Target, checkpoint_path: str, manifest: dict) -> str:
-    """Log the EMA weights of a checkpoint file as the MLflow model `ema` of the run; returns its models:/ URI."""
-    import mlflow
+def log_ema_model(target: Target, checkpoint_path: str, manifest: dict, *, register: str = "",
+                  alias: str = "candidate") -> str:
+    """Log the EMA weights of a checkpoint file as the MLflow model `ema` of the run, loadable anywhere: its artifact
+    holds the EMA weights, config and manifest only (not the raw weights or the optimizer), the scmlab package goes
+    with it as code (`code_paths`: no scmlab install needed to load it) and its pip requirements resolve on PyPI.
+    With `register`, the model becomes a new version of that registered model and `alias` points at it. Returns the
+    model's URI (models:/NAME@alias when registered)."""
+    import tempfile
 
+    import mlflow
+    import torch
+
+    from . import checkpoint
+
+    ckpt = checkpoint.load(checkpoint_path)
     example = np.random.default_rng(0).standard_normal((2, *manifest["shape"])).astype(np.float32)
     mlflow.set_tracking_uri(target.uri)
-    with mlflow.start_run(run_id=target.run_id):  # ends FINISHED: called once training has finished
-        info = mlflow.pyfunc.log_model(name="ema", python_model=MODEL_CODE, artifacts={"checkpoint": checkpoint_path},
-                                       input_example=example, pip_requirements=["scmlab", "torch"])
-    log.info("EMA model %s in MLflow run %s", info.model_uri, target.run_id)
-    return info.model_uri
+    # The run ends FINISHED when this block closes: it is called once training has finished.
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=target.run_id):
+        weights = os.path.join(tmp, "ema.pt")
+        torch.save({key: ckpt[key] for key in EMA_KEYS}, weights)
+        info = mlflow.pyfunc.log_model(name="ema", python_model=MODEL_CODE, artifacts={"checkpoint": weights},
+                                       code_paths=[PACKAGE_DIR], input_example=example,
+                                       pip_requirements=["torch>=2.6", "numpy"])
+    uri = info.model_uri
+    if register:
+        version = mlflow.register_model(uri, register)
+        mlflow.MlflowClient(target.uri).set_registered_model_alias(register, alias, version.version)
+        uri = f"models:/{register}@{alias}"
+    log.info("EMA model %s in MLflow run %s", uri, target.run_id)
+    return uri

@@ -218,6 +218,8 @@ def run(base: Config, sweep: SweepConfig) -> dict:
         raise ConfigError(f"sweep.metric: {sweep.metric} is not logged: eval.metrics resolves to "
                           f"{eval_metrics(base, manifest)} for this data; set eval.metrics")
     prepare_eval(base)  # the classifier and reference statistics, once, before the trials read them
+    distributed.connect()
+    base = distributed.placed(base)  # train.device decided here, for every trial
     grid = sweep.grid(base)
     configs = {t.name: trial_config(base, t) for t in grid}
     accounting = {size: compute(next(configs[t.name] for t in grid if t.size == size), manifest)
@@ -305,16 +307,14 @@ def max_concurrent(base: Config, sweep: SweepConfig, resources: dict, gpu: bool,
 
 def _tune(base: Config, sweep: SweepConfig, specs: list[dict], recorded: dict, results_path: str) -> None:
     """Run the trials of `specs` with Ray Tune; `recorded` and results.csv gain a row as each trial completes."""
-    import ray
     from mlflow import MlflowClient
     from ray import tune
 
     from ..train import distributed
     from .scaling import COLUMNS, TrialResult, write_results
 
-    distributed.connect()
-    gpu = distributed.use_gpu(base)
-    concurrent = max_concurrent(base, sweep, ray.cluster_resources(), gpu, len(specs))
+    concurrent = max_concurrent(base, sweep, distributed.total(distributed.capacity()), base.train.device == "cuda",
+                                len(specs))
     storage_path, filesystem, uri = distributed.location(base)
     scheduler = None
     if sweep.scheduler == "asha":
