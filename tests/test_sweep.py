@@ -44,7 +44,7 @@ def test_config_errors_name_the_field_before_any_resource(toy_shards, tmp_path):
     path = write_sweep(tmp_path / "s.yaml", toy_shards, tmp_path / "run")
     base, config = sweep.load_sweep(path, ["sweep.sizes=[tiny,small]", "sweep.lrs=[1e-3,3e-3]", "train.steps=8"])
     assert (config.sizes, config.lrs, base.train.steps) == (["tiny", "small"], [1e-3, 3e-3], 8)
-    grid = config.grid(base)
+    grid = config.trials(base)
     assert [t.name for t in grid] == ["tiny-lr0.001-seed0", "tiny-lr0.003-seed0", "small-lr0.001-seed0",
                                       "small-lr0.003-seed0"]
     trial = sweep.trial_config(base, grid[2])
@@ -62,6 +62,44 @@ def test_config_errors_name_the_field_before_any_resource(toy_shards, tmp_path):
     base, config = sweep.load_sweep(path, ["sweep.metric=loss/mean", "objective.adaptive_weight=false",
                                            "objective.kind=sct"])
     assert config.metric == "loss/mean"
+
+
+def test_any_config_key_is_a_grid_axis_checked_before_any_resource(toy_shards, tmp_path, monkeypatch):
+    """sweep.grid: every combination of its axes at every size x lr x seed, each value in its trial's resolved
+    config; model.size / optim.lr / train.seed given there are sizes / lrs / seeds. A bad key or value is refused
+    by load_sweep, naming it, before Ray or MLflow is touched."""
+    from scmlab.train import distributed
+
+    monkeypatch.setattr(distributed, "connect", lambda: pytest.fail("Ray was started"))
+    path = write_sweep(tmp_path / "s.yaml", toy_shards, tmp_path / "run", sizes=[], lrs=[],
+                       grid={"model.size": ["tiny", "small"], "optim.lr": [1e-3], "train.seed": [0, 1],
+                             "objective.tangent_norm": ["l2", "none"]})
+    base, config = sweep.load_sweep(path, ["sweep.grid.model.time_embedding=[positional,fourier_logsigma]"])
+    assert (config.sizes, config.lrs, config.seeds) == (["tiny", "small"], [1e-3], [0, 1])
+    trials = config.trials(base)
+    assert len(trials) == 2 * 1 * 2 * 2 * 2
+    assert trials[0].name == "tiny-lr0.001-seed0-tangent_norm=l2-time_embedding=positional"
+    resolved = {(t.size, t.seed, c.objective.tangent_norm, c.model.time_embedding)
+                for t in trials for c in [sweep.trial_config(base, t)]}
+    assert resolved == {(size, seed, norm, emb) for size in ("tiny", "small") for seed in (0, 1)
+                        for norm in ("l2", "none") for emb in ("positional", "fourier_logsigma")}
+    c = sweep.trial_config(base, trials[-1])
+    assert (c.model.size, c.train.seed, c.objective.tangent_norm, c.model.time_embedding, c.run.name) == (
+        "small", 1, "none", "fourier_logsigma", trials[-1].name)
+
+    for override, message in (
+            ("sweep.grid.objective.tangent_norm=[l2,l3]", r"sweep\.grid\.objective\.tangent_norm: the value 'l3' is "
+                                                          r"refused: objective\.tangent_norm: 'l3' is not one of"),
+            ("sweep.grid.objective.tangent_nrom=[l2]", r"sweep\.grid\.objective\.tangent_nrom: unknown key; did you "
+                                                       r"mean sweep\.grid\.objective\.tangent_norm"),
+            ("sweep.grid.objectve.tangent_norm=[l2]", r"sweep\.grid\.objectve: unknown key"),
+            ("sweep.grid.optim.warmup=[10,ten]", r"sweep\.grid\.optim\.warmup\[1\]: expected an integer, got 'ten'"),
+            ("sweep.grid.optim.grad_clip=[-1]", r"sweep\.grid\.optim\.grad_clip: the value -1\.0 is refused"),
+            ("sweep.grid.run.dir=[a,b]", r"sweep\.grid\.run\.dir: run\.\* and tracking\.\* are set by the sweep"),
+            ("sweep.grid.train.steps=[]", r"sweep\.grid\.train\.steps: expected a non-empty list"),
+            ("sweep.sizes=[tiny]", r"sweep\.grid\.model\.size: give it once")):
+        with pytest.raises(ConfigError, match=message):
+            sweep.load_sweep(path, [override])
 
 
 def test_sweep_can_fit_an_eval_score(toy_shards, tmp_path, monkeypatch):

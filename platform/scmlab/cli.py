@@ -299,7 +299,7 @@ def cmd_sweep(args) -> int:
     base, config = sweep.load_sweep(args.config, args.overrides)
     if args.dry_run:
         resolved = {**base.to_dict(), "sweep": dataclasses.asdict(config),
-                    "trials": [t.name for t in config.grid(base)]}
+                    "trials": [t.name for t in config.trials(base)]}
         sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
         return 0
     try:

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -47,15 +48,45 @@ class SweepFailed(RuntimeError):
     """No trial of the sweep finished; the message gives their reasons."""
 
 
+STAGE_KINDS = {"teacher": "diffusion", "scd": "scd", "sct": "sct"}  # sweep.stages, in the order they run
+SHORTCUTS = {"model.size": "sizes", "optim.lr": "lrs", "train.seed": "seeds"}  # grid axes with a field of their own
+MANAGED = ("run.", "tracking.")  # set by the sweep for every trial: not grid axes
+
+
+@dataclass
+class StageConfig:
+    lrs: list[float] = field(default_factory=list)
+    """optim.lr values of this stage (empty = sweep.lrs)."""
+    metric: str = ""
+    """The eval score that picks each size's best trial of this stage (empty = sweep.metric); the teacher stage's
+    picks the teacher that the students start from."""
+    overrides: dict = field(default_factory=dict)
+    """`section.key: value` settings of this stage's trials over the base config (e.g. train.steps: 400,
+    objective.warmup_steps: 100). objective.kind and objective.teacher are set by the stage; eval.steps is empty
+    (the kind's default samplers) unless set here."""
+
+
 @dataclass
 class SweepConfig:
     sizes: list[str] = field(default_factory=list)
     """model.size presets to sweep (of the base's model.arch). A law with an irreducible term has 3 parameters:
-    sweep at least 3 sizes for a fit (with fewer the sweep runs and the fit is skipped, saying why)."""
+    sweep at least 4 sizes for a fit with standard errors (with 3 it is exact; with fewer it is skipped, saying
+    why)."""
     lrs: list[float] = field(default_factory=list)
     """optim.lr values to sweep at every size (the best per size enters the fit)."""
     seeds: list[int] = field(default_factory=list)
-    """train.seed values (repeats of every size x lr); empty = the base's train.seed only."""
+    """train.seed values (repeats of every grid point); empty = the base's train.seed only."""
+    grid: dict = field(default_factory=dict)
+    """More grid axes: any `section.key` of the training config with a list of values, e.g.
+    {objective.tangent_norm: [l2, none], model.time_embedding: [positional, fourier_logsigma]}: every
+    combination runs at every size x lr x seed, and the analysis reports each setting with its spread over seeds.
+    model.size, optim.lr and train.seed given here are sizes, lrs and seeds. Each value is checked against its field
+    before Ray starts."""
+    stages: dict = field(default_factory=dict)
+    """A staged study (empty = one stage: the base config as it is): {teacher: {...}, scd: {...}, sct: {...}}, each
+    a StageConfig (lrs, metric, overrides). `teacher` trains TrigFlow diffusion over the grid; then for each size
+    its best teacher (lowest final `metric`) gives its final EMA weights to the `scd` (frozen teacher, student
+    initialized from them) and `sct` (initialized from them) trials of that size."""
     metric: str = "loss/mse"
     """The logged metric whose final value the law is fitted to. It must be positive: `loss/mse` (the unweighted
     diffusion loss), `loss/mean` with objective.adaptive_weight=false (the adaptive-weighted loss can be
@@ -72,12 +103,30 @@ class SweepConfig:
     train.cpus_per_worker for."""
 
     def __post_init__(self):
-        for name in ("sizes", "lrs"):
+        for key, name in SHORTCUTS.items():  # model.size: [...] in the grid is sizes: [...]
+            if key in self.grid:
+                _check(not getattr(self, name), f"sweep.grid.{key}: give it once, as sweep.grid.{key} or "
+                                                f"sweep.{name}")
+                setattr(self, name, self.grid.pop(key))
+        for name, stage in self.stages.items():
+            _one_of("sweep.stages", name, tuple(STAGE_KINDS))
+            stage.lrs = stage.lrs or list(self.lrs)
+            _check(len(stage.lrs) > 0, f"sweep.stages.{name}.lrs is required (or sweep.lrs), e.g. [1e-3,3e-3]")
+            _check(all(lr > 0 for lr in stage.lrs), f"sweep.stages.{name}.lrs: every learning rate must be > 0, "
+                                                    f"got {stage.lrs}")
+            stage.metric = stage.metric or self.metric
+        _check(not self.stages or "teacher" in self.stages,
+               f"sweep.stages: {', '.join(self.stages)} start from each size's best teacher; add sweep.stages.teacher")
+        for name in ("sizes",) if self.stages else ("sizes", "lrs"):  # a stage may have lrs of its own
+            _check(len(getattr(self, name)) > 0, f"sweep.{name} is required: a list, e.g. "
+                                                 "sweep.sizes=[tiny,small,base] sweep.lrs=[1e-3,3e-3]")
+        for name in ("sizes", "lrs", "seeds"):
             values = getattr(self, name)
-            _check(len(values) > 0, f"sweep.{name} is required: a list, e.g. sweep.sizes=[tiny,small,base] "
-                                    "sweep.lrs=[1e-3,3e-3]")
-            _check(len(set(values)) == len(values), f"sweep.{name}: {values} has repeated values")
-        _check(len(set(self.seeds)) == len(self.seeds), f"sweep.seeds: {self.seeds} has repeated values")
+            _check(len(set(map(repr, values))) == len(values), f"sweep.{name}: {values} has repeated values")
+        for key, values in self.grid.items():
+            _check(isinstance(values, list) and len(values) > 0,
+                   f"sweep.grid.{key}: expected a non-empty list of values, got {values!r}")
+            _check(len(set(map(repr, values))) == len(values), f"sweep.grid.{key}: {values} has repeated values")
         _check(all(lr > 0 for lr in self.lrs), f"sweep.lrs: every learning rate must be > 0, got {self.lrs}")
         _check(all(s >= 0 for s in self.seeds), f"sweep.seeds: seeds must be >= 0, got {self.seeds}")
         _check(bool(self.metric), "sweep.metric: must not be empty (e.g. loss/mse)")
@@ -93,10 +142,25 @@ class SweepConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         _reject_unknown(d, fields, "sweep.")
         hints = typing.get_type_hints(cls)
-        return cls(**{k: _coerce(f"sweep.{k}", v, hints[k]) for k, v in d.items()})
+        d = dict(d)
+        grid = _settings("sweep.grid", d.pop("grid", None) or {}, as_lists=True)
+        stages = d.pop("stages", None) or {}
+        _check(isinstance(stages, dict), f"sweep.stages: expected a mapping {{teacher: {{lrs: [...]}}, scd: ...}}, "
+                                         f"got {stages!r}")
+        staged = {}
+        for name, s in stages.items():
+            s = dict(s or {})
+            _check(isinstance(s, dict), f"sweep.stages.{name}: expected a mapping (lrs, metric, overrides)")
+            _reject_unknown(s, {f.name for f in dataclasses.fields(StageConfig)}, f"sweep.stages.{name}.")
+            staged[name] = StageConfig(
+                lrs=_coerce(f"sweep.stages.{name}.lrs", s.get("lrs") or [], list[float]),
+                metric=_coerce(f"sweep.stages.{name}.metric", s.get("metric") or "", str),
+                overrides=_settings(f"sweep.stages.{name}.overrides", s.get("overrides") or {}))
+        return cls(grid=grid, stages=staged, **{k: _coerce(f"sweep.{k}", v, hints[k]) for k, v in d.items()})
 
     def check(self, base: Config) -> None:
-        """What the sweep needs of the base config (errors name the field to change)."""
+        """What the sweep needs of the base config (errors name the field to change), and every grid value and
+        stage override applied alone to the base config (errors name the key and the value)."""
         from ..nets import PRESETS
 
         presets = PRESETS[base.model.arch]
@@ -107,35 +171,114 @@ class SweepConfig:
         _check(base.tracking.kind == "mlflow",
                "tracking.uri: a sweep logs its trials and its fit to MLflow; set tracking.uri (or MLFLOW_TRACKING_URI; "
                "`scmlab services up` prints it; a sqlite:///path URI needs no server)")
-        if self.metric == "loss/mean":
-            _check(not base.objective.adaptive_weight,
-                   "sweep.metric: loss/mean is the adaptive-weighted loss, which can be negative; set "
-                   "objective.adaptive_weight=false, or sweep.metric=loss/mse with objective.kind=diffusion")
-        elif self.metric == "loss/mse":
-            _check(base.objective.kind == "diffusion",
-                   f"sweep.metric: loss/mse is logged by objective.kind=diffusion only, not {base.objective.kind}; "
-                   "use sweep.metric=loss/mean with objective.adaptive_weight=false")
-        elif self.metric.startswith("eval/"):
-            parts = self.metric.split("/")
-            _check(len(parts) == 3 and parts[1] in EVAL_FIT,
-                   f"sweep.metric: {self.metric!r} is not a positive eval score of which lower is better: "
-                   f"eval/<{'|'.join(EVAL_FIT)}>/<sampler>, e.g. eval/fd/2step (kid, an unbiased estimate, can be "
-                   "negative)")
-            _check(base.eval.every > 0, f"sweep.metric: {self.metric} is logged by evaluations; set eval.every > 0 "
-                                        f"(e.g. eval.every={base.train.steps}: once, at the end)")
-            samplers = base.eval_samplers()
-            _check(parts[2] in samplers, f"sweep.metric: {self.metric} names sampler {parts[2]!r}, but eval.steps "
-                                         f"scores {', '.join(samplers)} for objective.kind={base.objective.kind}")
-            _check(not base.eval.metrics or parts[1] in base.eval.metrics,
-                   f"sweep.metric: {self.metric} is not logged: eval.metrics is {base.eval.metrics}; add {parts[1]}")
-        else:
-            _check(self.metric.startswith("loss/bin"),
-                   f"sweep.metric: {self.metric!r} is not a positive training metric; use loss/mse (diffusion), "
-                   "loss/mean (with objective.adaptive_weight=false) or an eval score (eval/fd/2step)")
+        for stage in self.stages or [""]:
+            stage_base = self.stage_base(base, stage)
+            metric = self.stages[stage].metric if stage else self.metric
+            _check_metric(f"sweep.stages.{stage}.metric" if stage else "sweep.metric", metric, stage_base)
+            for key, values in self.grid.items():
+                for value in values:
+                    try:
+                        _apply(stage_base, {key: value})
+                    except ConfigError as e:
+                        raise ConfigError(f"sweep.grid.{key}: the value {value!r} is refused: {e}") from None
 
-    def grid(self, base: Config) -> list["Trial"]:
+    def stage_base(self, base: Config, stage: str, teacher: str = "") -> Config:
+        """The base config of a stage's trials: objective.kind of the stage, objective.teacher (a student's: the
+        checkpoint of its size's best teacher; before that is known, a stand-in), eval.steps emptied (the kind's
+        default samplers), then the stage's overrides."""
+        if not stage:
+            return base
+        values = {"objective.kind": STAGE_KINDS[stage], "eval.steps": [],
+                  "objective.teacher": None if stage == "teacher" else teacher or "(the best teacher of the size)"}
+        if values["objective.kind"] == "diffusion" and base.eval.best:
+            values["eval.best"] = ""  # a student's eval.best names a consistency sampler
+        try:
+            return _apply(base, {**values, **self.stages[stage].overrides})
+        except ConfigError as e:
+            raise ConfigError(f"sweep.stages.{stage}: {e}") from None
+
+    def trials(self, base: Config) -> list["Trial"]:
+        """Every grid point of every stage, in the order they run (stage, size, lr, seed, the other axes)."""
         seeds = self.seeds or [base.train.seed]
-        return [Trial(size, lr, seed) for size, lr, seed in itertools.product(self.sizes, self.lrs, seeds)]
+        axes = [[(key, v) for v in values] for key, values in self.grid.items()]
+        lrs = {name: stage.lrs for name, stage in self.stages.items()} if self.stages else {"": self.lrs}
+        trials = [Trial(size, lr, seed, tuple(settings), stage) for stage in [*STAGE_KINDS, ""] if stage in lrs
+                  for size, lr, seed, *settings in itertools.product(self.sizes, lrs[stage], seeds, *axes)]
+        names = [t.name for t in trials]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        _check(not repeated, f"sweep.grid: values that differ only in characters a trial name cannot hold give "
+                             f"repeated trial names {repeated[:3]}")
+        return trials
+
+
+def _settings(name: str, d, as_lists: bool = False) -> dict:
+    """`section.key: value` entries (values lists of values with as_lists), each key a field of the training config
+    and each value of its field's type; run.* and tracking.* are the sweep's own."""
+    from ..config import SECTIONS
+
+    _check(isinstance(d, dict), f"{name}: expected a mapping of section.key: {'[values]' if as_lists else 'value'}, "
+                                f"got {d!r}")
+    out = {}
+    for key, values in d.items():
+        section, dot, fname = str(key).partition(".")
+        _check(bool(dot), f"{name}.{key}: expected section.key, e.g. objective.tangent_norm")
+        _reject_unknown({section: None}, SECTIONS, f"{name}.")
+        hints = typing.get_type_hints(SECTIONS[section])
+        _reject_unknown({fname: None}, hints, f"{name}.{section}.")
+        _check(not key.startswith(MANAGED), f"{name}.{key}: run.* and tracking.* are set by the sweep for every "
+                                            "trial; they cannot vary")
+        if as_lists:
+            _check(isinstance(values, list) and values, f"{name}.{key}: expected a non-empty list of values, got "
+                                                        f"{values!r}")
+            out[key] = [_coerce(f"{name}.{key}[{i}]", v, hints[fname]) for i, v in enumerate(values)]
+        else:
+            out[key] = _coerce(f"{name}.{key}", values, hints[fname])
+    return out
+
+
+def _apply(config: Config, values: dict) -> Config:
+    """`config` with `section.key: value` settings, validated."""
+    d = config.to_dict()
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        d[section][name] = value
+    return Config.from_dict(d)
+
+
+def _check_metric(name: str, metric: str, base: Config) -> None:
+    """The metric a sweep (or a stage) picks and fits by: positive, logged for this objective."""
+    if metric == "loss/mean":
+        _check(not base.objective.adaptive_weight,
+               f"{name}: loss/mean is the adaptive-weighted loss, which can be negative; set "
+               "objective.adaptive_weight=false, or sweep.metric=loss/mse with objective.kind=diffusion")
+    elif metric == "loss/mse":
+        _check(base.objective.kind == "diffusion",
+               f"{name}: loss/mse is logged by objective.kind=diffusion only, not {base.objective.kind}; "
+               "use sweep.metric=loss/mean with objective.adaptive_weight=false")
+    elif metric.startswith("eval/"):
+        parts = metric.split("/")
+        _check(len(parts) == 3 and parts[1] in EVAL_FIT,
+               f"{name}: {metric!r} is not a positive eval score of which lower is better: "
+               f"eval/<{'|'.join(EVAL_FIT)}>/<sampler>, e.g. eval/fd/2step (kid, an unbiased estimate, can be "
+               "negative)")
+        _check(base.eval.every > 0, f"{name}: {metric} is logged by evaluations; set eval.every > 0 "
+                                    f"(e.g. eval.every={base.train.steps}: once, at the end)")
+        samplers = base.eval_samplers()
+        _check(parts[2] in samplers, f"{name}: {metric} names sampler {parts[2]!r}, but eval.steps "
+                                     f"scores {', '.join(samplers)} for objective.kind={base.objective.kind}")
+        _check(not base.eval.metrics or parts[1] in base.eval.metrics,
+               f"{name}: {metric} is not logged: eval.metrics is {base.eval.metrics}; add {parts[1]}")
+    else:
+        _check(metric.startswith("loss/bin"),
+               f"{name}: {metric!r} is not a positive training metric; use loss/mse (diffusion), "
+               "loss/mean (with objective.adaptive_weight=false) or an eval score (eval/fd/2step)")
+
+
+def _format(value) -> str:
+    """A grid value as it appears in a trial name: no '/', no spaces."""
+    text = f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else \
+        ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    return re.sub(r"[^A-Za-z0-9._,+-]", "_", text)
 
 
 @dataclass(frozen=True)
@@ -143,11 +286,24 @@ class Trial:
     size: str
     lr: float
     seed: int
+    settings: tuple = ()
+    """(section.key, value) of the sweep.grid axes at this grid point."""
+    stage: str = ""
+    """`teacher`, `scd`, `sct`, or empty for an unstaged sweep."""
 
     @property
     def name(self) -> str:
-        """Deterministic, so that a restarted sweep finds the trial's Train run, MLflow run and record again."""
-        return f"{self.size}-lr{self.lr:g}-seed{self.seed}"
+        """Deterministic, so that a restarted sweep finds the trial's Train run, MLflow run and record again:
+        [stage-]size-lrLR-seedS[-key=value...] (key: the field's name, its section too where two axes share it)."""
+        short = [key.partition(".")[2] for key, _ in self.settings]
+        keys = [s if short.count(s) == 1 else key.replace(".", "_") for s, (key, _) in zip(short, self.settings)]
+        return (f"{self.stage}-" if self.stage else "") + f"{self.size}-lr{self.lr:g}-seed{self.seed}" + "".join(
+            f"-{k}={_format(v)}" for k, (_, v) in zip(keys, self.settings))
+
+    @property
+    def setting(self) -> str:
+        """The grid axes' values as one label (`objective.tangent_norm=none`), empty without sweep.grid."""
+        return " ".join(f"{key}={_format(v)}" for key, v in self.settings)
 
 
 def load_sweep(path: str, overrides: list[str] = ()) -> tuple[Config, SweepConfig]:
@@ -166,7 +322,7 @@ def load_sweep(path: str, overrides: list[str] = ()) -> tuple[Config, SweepConfi
         key, sep, raw = item.partition("=")
         if key.strip().startswith("sweep."):
             _check(bool(sep), f"override {item!r}: expected sweep.key=value")
-            sweep_d[key.strip().removeprefix("sweep.")] = yaml.safe_load(raw) if raw.strip() else None
+            _set_nested(sweep_d, key.strip().removeprefix("sweep."), yaml.safe_load(raw) if raw.strip() else None)
         else:
             rest.append(item)
     base = Config.from_dict(apply_overrides(d, rest))
@@ -175,14 +331,37 @@ def load_sweep(path: str, overrides: list[str] = ()) -> tuple[Config, SweepConfi
     return base, sweep
 
 
+def _set_nested(sweep_d: dict, key: str, value) -> None:
+    """An override of the sweep section: `lrs`, `grid.objective.tangent_norm` (the axis key keeps its dot),
+    `stages.scd.lrs`, `stages.scd.overrides.train.steps`."""
+    head, _, rest = key.partition(".")
+    if head == "grid" and rest:
+        sweep_d["grid"] = {**(sweep_d.get("grid") or {}), rest: value}
+    elif head == "stages" and rest:
+        name, _, field_name = rest.partition(".")
+        stages = sweep_d["stages"] = dict(sweep_d.get("stages") or {})
+        stage = stages[name] = dict(stages.get(name) or {})
+        if field_name.startswith("overrides."):
+            stage["overrides"] = {**(stage.get("overrides") or {}), field_name.removeprefix("overrides."): value}
+        elif field_name:
+            stage[field_name] = value
+        else:
+            stages[name] = value
+    else:
+        sweep_d[key] = value
+
+
 def trial_config(base: Config, trial: Trial) -> Config:
-    """The base config at one grid point: its size, lr and seed, its run directory and Train run under the
-    sweep's."""
+    """The base config (a stage's: SweepConfig.stage_base) at one grid point: its size, lr, seed and other axes,
+    its run directory and Train run under the sweep's."""
     from ..train import distributed
 
     sweep_uri = distributed.location(base)[2]
     d = base.to_dict()
     d["model"]["size"], d["optim"]["lr"], d["train"]["seed"] = trial.size, trial.lr, trial.seed
+    for key, value in trial.settings:
+        section, _, name = key.partition(".")
+        d[section][name] = value
     d["run"] = {"dir": os.path.join(os.path.abspath(base.run.dir), "trials", trial.name), "name": trial.name,
                 "storage": f"{sweep_uri}/trials"}
     return Config.from_dict(d)
@@ -218,11 +397,11 @@ def run(base: Config, sweep: SweepConfig) -> dict:
         raise ConfigError(f"sweep.metric: {sweep.metric} is not logged: eval.metrics resolves to "
                           f"{eval_metrics(base, manifest)} for this data; set eval.metrics")
     prepare_eval(base)  # the classifier and reference statistics, once, before the trials read them
-    grid = sweep.grid(base)
+    grid = sweep.trials(base)
     configs = {t.name: trial_config(base, t) for t in grid}
-    accounting = {size: compute(next(configs[t.name] for t in grid if t.size == size), manifest)
-                  for size in sweep.sizes}
-    for size, c in accounting.items():
+    accounting = {t.name: compute(configs[t.name], manifest) for t in grid}
+    for size in sweep.sizes:
+        c = accounting[next(t.name for t in grid if t.size == size)]
         log.info("%s: %.3gM parameters, %.3g training FLOPs per step, %.3g per trial", size, c["params"] / 1e6,
                  c["flops_per_step"], c["total_flops"])
 
@@ -242,11 +421,11 @@ def run(base: Config, sweep: SweepConfig) -> dict:
     parent = MLflowTracker(uri, run_id=parent_id)
     with parent:
         parent.log_params({"sweep": dataclasses.asdict(sweep), **base.to_dict()})
-        parent.log_params({"compute": {size: c for size, c in accounting.items()}})
+        parent.log_params({"compute": {t.size: accounting[t.name] for t in grid}})
         children = {t.name: _find_or_create(uri, experiment_id, TRIAL_TAG, distributed.location(configs[t.name])[2],
                                             t.name, parent_id=parent_id) for t in grid}
         if todo:
-            specs = [_spec(t, configs[t.name], sweep.metric, accounting[t.size], uri, experiment_id,
+            specs = [_spec(t, configs[t.name], sweep.metric, accounting[t.name], uri, experiment_id,
                            children[t.name]) for t in todo]
             _tune(base, sweep, specs, recorded, results_path)
         rows = [recorded[t.name] for t in grid if t.name in recorded]
@@ -435,7 +614,7 @@ def _curves(uri: str, grid: list[Trial], children: dict, metric: str, accounting
         history = sorted((m.step, m.value) for m in client.get_metric_history(children[t.name], metric))
         if history:
             steps, values = map(np.array, zip(*history))
-            curves.append(Curve(t.name, t.size, steps * float(accounting[t.size]["flops_per_step"]), values))
+            curves.append(Curve(t.name, t.size, steps * float(accounting[t.name]["flops_per_step"]), values))
     return curves
 
 
