@@ -224,6 +224,8 @@ def test_bad_input_names_the_field_or_file(digit_splits, digits_checkpoint, tmp_
         check_inputs(make_config(vectors, tmp_path / "run", eval={"every": 1, "metrics": ["fid"]}))
     with pytest.raises(ConfigError, match=r"eval\.test: .* holds kind image, data\.train vector"):
         check_inputs(make_config(vectors, tmp_path / "run", eval={"every": 1, "test": digit_splits["test"]}))
+    with pytest.raises(ConfigError, match=r"eval\.best: eval/energy/2step is not logged: eval\.metrics is \['fd'\]"):
+        check_inputs(make_config(train_url, tmp_path / "run", eval={"every": 1, "best": "eval/energy/2step"}))
     with pytest.raises(ConfigError, match=r"eval\.best: every checkpoint needs a score"):
         make_config(train_url, tmp_path / "run", train={"checkpoint_every": 3},
                     eval={"every": 2, "best": "eval/fd/2step"})

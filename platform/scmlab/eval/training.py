@@ -51,11 +51,8 @@ def check(config: Config, manifest: dict) -> None:
     for metric in chosen:
         if why := unusable(metric, manifest):
             raise ConfigError(f"eval.metrics: {why}")
-    if e.best:
-        key = e.best.split("/")[1]
-        owner = "fd" if key == "cls_acc" else key
-        if owner not in chosen:
-            raise ConfigError(f"eval.best: {e.best} is not logged: eval.metrics is {chosen}; add {owner}")
+    if e.best and (key := e.best.split("/")[1]) not in chosen:  # EvalConfig admits only keys named as their metric
+        raise ConfigError(f"eval.best: {e.best} is not logged: eval.metrics is {chosen}; add {key}")
     if any(FEATURES[m] == "inception" for m in chosen):
         from .inception import InceptionV3, default_weights
 
