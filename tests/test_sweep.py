@@ -101,6 +101,21 @@ def test_any_config_key_is_a_grid_axis_checked_before_any_resource(toy_shards, t
         with pytest.raises(ConfigError, match=message):
             sweep.load_sweep(path, [override])
 
+    # Variants: named settings, each its own point of one more axis; a refused value names the variant.
+    base, config = sweep.load_sweep(path, ["sweep.variants={paper: {}, no_warmup: {objective.warmup_steps: 0}}"])
+    trials = config.trials(base)
+    assert len(trials) == 16 and trials[1].name == "tiny-lr0.001-seed0-tangent_norm=l2-no_warmup"
+    assert [sweep.trial_config(base, t).objective.warmup_steps for t in trials[:2]] == [10_000, 0]
+    for override, message in (
+            ("sweep.variants={bad: {objective.warmup_steps: -1}}", r"sweep\.variants\.bad: refused: "
+                                                                  r"objective\.warmup_steps: must be >= 0"),
+            ("sweep.variants={a/b: {}}", r"sweep\.variants\.a/b: a variant's name is part of trial names"),
+            ("sweep.stages={teacher: {lrs: [1e-3]}, scd: {overrides: {objective.teacher: x}}}",
+             r"sweep\.stages: objective\.teacher is set by each stage"),
+            ("sweep.stages={scd: {lrs: [1e-3]}}", r"sweep\.stages: scd start from each size's best teacher")):
+        with pytest.raises(ConfigError, match=message):
+            sweep.load_sweep(path, [override])
+
 
 def test_sweep_can_fit_an_eval_score(toy_shards, tmp_path, monkeypatch):
     """sweep.metric: a positive eval score of which lower is better, for a sampler the objective has, logged by

@@ -12,6 +12,7 @@
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -315,6 +316,7 @@ def cmd_sweep(args) -> int:
             log.info("%s = %.4g + %.4g %s^-%.4g (alpha +- %.2g, E +- %.2g; %d points, %d trials left out)",
                      config.metric, fit["E"], fit["A"], against, fit["alpha"], fit["alpha_err"], fit["E_err"],
                      fit["n"], len(fit["left_out"]))
+    log.info("report %s", os.path.join(os.path.dirname(summary["results"]), "report.md"))
     log.info("results %s; MLflow parent run %s", summary["results"],
              summary["mlflow_url"] or summary["mlflow_run_id"])
     return 0

@@ -239,10 +239,10 @@ def _findings(fits, ratios, settings) -> list[str]:
     for s in settings:
         groups[(s["stage"], s["size"], s["lr"])].append(s)
     for (stage, size, lr), entries in groups.items():
-        base, col = entries[0], next((c for c in entries[0] if c.endswith(" mean")), None)
-        for s in entries[1:]:
+        base = entries[0]
+        for s, col in ((s, c) for s in entries[1:] for c in s if c.endswith(" mean")):
             sd = col.replace(" mean", " std")
-            if not (s["seeds"] > 1 and base["seeds"] > 1):
+            if not (s["seeds"] > 1 and base["seeds"] > 1 and math.isfinite(s[col]) and math.isfinite(base[col])):
                 continue
             diff = s[col] - base[col]
             err = math.sqrt(s[sd] ** 2 / s["seeds"] + base[sd] ** 2 / base["seeds"])

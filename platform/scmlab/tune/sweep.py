@@ -499,7 +499,12 @@ def run(base: Config, sweep: SweepConfig) -> dict:
                 _tune(stage_base, sweep, specs, recorded, results_path)
                 trained += [t.name for t in todo]
         rows = [recorded[t.name] for t in grid if t.name in recorded]
-        missing = [t.name for t in grid if t.name not in recorded]
+        settled = {size for size in sweep.sizes if all(t.name in recorded for t in grid
+                                                       if t.stage == "teacher" and t.size == size)}
+        orphans = [t.name for t in grid if t.stage in ("scd", "sct") and t.size in settled and t.size not in teachers]
+        if orphans:
+            log.warning("no finished teacher for %s: left out of the study", ", ".join(orphans))
+        missing = [t.name for t in grid if t.name not in recorded and t.name not in orphans]
         if missing:
             raise RuntimeError(f"trials {missing} did not finish (see the Tune output above; a student trains once "
                                "its size has a finished teacher); rerun the same command to resume them")
