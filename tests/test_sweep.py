@@ -352,7 +352,8 @@ def test_study_report_fits_each_stage_and_sampler_ratios_and_seed_spread(tmp_pat
         assert {r["size"] for r in csv.DictReader(f)} == set(sizes)
     text = (tmp_path / "report.md").read_text()
     assert "## Student / teacher" in text and "## Settings over seeds" in text
-    assert "teacher energy/ode18 vs parameters: alpha = 0.3" in text
+    assert "teacher energy/ode18 vs parameters: alpha = 0.3 ± " in text
+    assert "beyond the 95% interval of 0 (4.3 standard errors at 2 degrees of freedom)" in text
     for name in study["files"]:
         assert os.path.getsize(tmp_path / name) > 0
     assert {"study_params.png", "study_flops.png", "report.md", "study.json"} <= set(study["files"])

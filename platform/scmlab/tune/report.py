@@ -16,11 +16,13 @@ import os
 import statistics
 from collections import defaultdict
 
+from scipy.stats import t as student_t
+
 from .scaling import best_per_size, fit_power_law
 
 STUDY, RATIOS, SETTINGS, REPORT = "study.json", "ratios.csv", "settings.csv", "report.md"
 AGAINST = {"params": "parameters", "flops": "training FLOPs"}
-SIGNIFICANT = 2.0  # standard errors: an exponent or a difference beyond this is read as resolved
+SIGNIFICANT = 2.0  # standard errors: a variant's difference from the reference beyond this is read as resolved
 
 
 def _series(metric: str, finals: dict) -> list[str]:
@@ -223,12 +225,14 @@ def _findings(fits, ratios, settings) -> list[str]:
                          f"score {trend}.")
         elif any("bound" in n for n in f["notes"]):
             lines.append(f"{name}: the law is not constrained ({'; '.join(f['notes'])}); the score {trend}.")
-        elif f["alpha"] > SIGNIFICANT * f["alpha_err"]:
-            lines.append(f"{name}: alpha = {f['alpha']:.3g} ± {f['alpha_err']:.2g} (more than {SIGNIFICANT:g} "
-                         f"standard errors from 0, {f['n']} sizes): the score improves with scale; it {trend}.")
+        elif f["alpha"] > (t := student_t.ppf(0.975, f["n"] - 3)) * f["alpha_err"]:
+            lines.append(f"{name}: alpha = {f['alpha']:.3g} ± {f['alpha_err']:.2g}, beyond the 95% interval of 0 "
+                         f"({t:.3g} standard errors at {f['n'] - 3} degrees of freedom): the score improves with "
+                         f"scale; it {trend}.")
         else:
-            lines.append(f"{name}: alpha = {f['alpha']:.3g} ± {f['alpha_err']:.2g}, within {SIGNIFICANT:g} "
-                         f"standard errors of 0: no resolved improvement with scale; the score {trend}.")
+            lines.append(f"{name}: alpha = {f['alpha']:.3g} ± {f['alpha_err']:.2g}, within the 95% interval of 0 "
+                         f"({t:.3g} standard errors at {f['n'] - 3} degrees of freedom): {f['n']} sizes do not "
+                         f"resolve the exponent; the score {trend}.")
     cols = dict.fromkeys(k for r in ratios for k in r["ratios"])
     for c in cols:
         values = [(r["size"], r["ratios"][c]) for r in ratios if c in r["ratios"]]
