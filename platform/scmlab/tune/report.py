@@ -215,7 +215,8 @@ def _findings(fits, ratios, settings) -> list[str]:
     for f in fits:
         name = f"{f['stage']} {_short(f['score'])} vs {AGAINST[f['against']]}"
         ys = [p["y"] for p in sorted(f["points"], key=lambda p: p["x"])]
-        trend = "falls with every size" if all(b < a for a, b in zip(ys, ys[1:])) else \
+        trend = "has one size" if len(ys) < 2 else "falls with every size" if all(
+            b < a for a, b in zip(ys, ys[1:])) else \
             "does not fall with every size (" + ", ".join(f"{p['size']} {p['y']:.3g}" for p in
                                                           sorted(f["points"], key=lambda p: p["x"])) + ")"
         if "error" in f:
