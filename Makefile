@@ -7,8 +7,10 @@ STAMP := build/install.stamp
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO := runs/demo
 SWEEP_DEMO := runs/sweep-demo
+SCALING_DEMO := runs/scaling-demo
+ABLATION_DEMO := runs/ablation-demo
 
-.PHONY: install system-data test demo sweep-demo bench clean
+.PHONY: install system-data test demo sweep-demo scaling-demo ablation-demo bench clean
 
 install: $(STAMP) system-data
 
@@ -46,9 +48,28 @@ sweep-demo: install
 	RAY_ADDRESS=local $(PYTHON) -m scmlab.cli services run -- $(PYTHON) jobs/sweep.py \
 		--config jobs/configs/sweep-toy.yaml data.train=$(SWEEP_DEMO)/shards run.dir=$(SWEEP_DEMO)/sweep
 
+# The scaling study on one machine: the 2-D mixture, 5 MLP sizes, a diffusion teacher grid, then sCD and sCT
+# students from each size's best teacher (jobs/configs/sweep-study-toy.yaml); report.md, the laws per stage and
+# sampler and the student/teacher ratios in the MLflow parent run and in $(SCALING_DEMO)/study. Rerunning resumes.
+scaling-demo: install
+	$(PYTHON) -m scmlab.cli services up
+	$(PYTHON) -m scmlab.cli prepare toy-gmm --out $(SCALING_DEMO)/shards
+	RAY_ADDRESS=local $(PYTHON) -m scmlab.cli services run -- $(PYTHON) jobs/sweep.py \
+		--config jobs/configs/sweep-study-toy.yaml data.train=$(SCALING_DEMO)/shards run.dir=$(SCALING_DEMO)/study
+
+# The sCT ablation on one machine: the paper's setting and 4 changes, 3 seeds each, on the 2-D mixture
+# (jobs/configs/sweep-ablation-toy.yaml); each setting's mean and spread in report.md (MLflow parent run and
+# $(ABLATION_DEMO)/ablation). Rerunning resumes.
+ablation-demo: install
+	$(PYTHON) -m scmlab.cli services up
+	$(PYTHON) -m scmlab.cli prepare toy-gmm --out $(ABLATION_DEMO)/shards
+	RAY_ADDRESS=local $(PYTHON) -m scmlab.cli services run -- $(PYTHON) jobs/sweep.py \
+		--config jobs/configs/sweep-ablation-toy.yaml data.train=$(ABLATION_DEMO)/shards \
+		run.dir=$(ABLATION_DEMO)/ablation
+
 bench: $(STAMP)
 	@mkdir -p runs
 	$(PYTHON) jobs/bench.py --suite step --device $(DEVICE) --json runs/bench-$(DEVICE).json
 
 clean:
-	rm -rf $(DEMO) $(SWEEP_DEMO) $(STAMP)
+	rm -rf $(DEMO) $(SWEEP_DEMO) $(SCALING_DEMO) $(ABLATION_DEMO) $(STAMP)

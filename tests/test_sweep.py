@@ -44,7 +44,7 @@ def test_config_errors_name_the_field_before_any_resource(toy_shards, tmp_path):
     path = write_sweep(tmp_path / "s.yaml", toy_shards, tmp_path / "run")
     base, config = sweep.load_sweep(path, ["sweep.sizes=[tiny,small]", "sweep.lrs=[1e-3,3e-3]", "train.steps=8"])
     assert (config.sizes, config.lrs, base.train.steps) == (["tiny", "small"], [1e-3, 3e-3], 8)
-    grid = config.grid(base)
+    grid = config.trials(base)
     assert [t.name for t in grid] == ["tiny-lr0.001-seed0", "tiny-lr0.003-seed0", "small-lr0.001-seed0",
                                       "small-lr0.003-seed0"]
     trial = sweep.trial_config(base, grid[2])
@@ -62,6 +62,59 @@ def test_config_errors_name_the_field_before_any_resource(toy_shards, tmp_path):
     base, config = sweep.load_sweep(path, ["sweep.metric=loss/mean", "objective.adaptive_weight=false",
                                            "objective.kind=sct"])
     assert config.metric == "loss/mean"
+
+
+def test_any_config_key_is_a_grid_axis_checked_before_any_resource(toy_shards, tmp_path, monkeypatch):
+    """sweep.grid: every combination of its axes at every size x lr x seed, each value in its trial's resolved
+    config; model.size / optim.lr / train.seed given there are sizes / lrs / seeds. A bad key or value is refused
+    by load_sweep, naming it, before Ray or MLflow is touched."""
+    from scmlab.train import distributed
+
+    monkeypatch.setattr(distributed, "connect", lambda: pytest.fail("Ray was started"))
+    path = write_sweep(tmp_path / "s.yaml", toy_shards, tmp_path / "run", sizes=[], lrs=[],
+                       grid={"model.size": ["tiny", "small"], "optim.lr": [1e-3], "train.seed": [0, 1],
+                             "objective.tangent_norm": ["l2", "none"]})
+    base, config = sweep.load_sweep(path, ["sweep.grid.model.time_embedding=[positional,fourier_logsigma]"])
+    assert (config.sizes, config.lrs, config.seeds) == (["tiny", "small"], [1e-3], [0, 1])
+    trials = config.trials(base)
+    assert len(trials) == 2 * 1 * 2 * 2 * 2
+    assert trials[0].name == "tiny-lr0.001-seed0-tangent_norm=l2-time_embedding=positional"
+    resolved = {(t.size, t.seed, c.objective.tangent_norm, c.model.time_embedding)
+                for t in trials for c in [sweep.trial_config(base, t)]}
+    assert resolved == {(size, seed, norm, emb) for size in ("tiny", "small") for seed in (0, 1)
+                        for norm in ("l2", "none") for emb in ("positional", "fourier_logsigma")}
+    c = sweep.trial_config(base, trials[-1])
+    assert (c.model.size, c.train.seed, c.objective.tangent_norm, c.model.time_embedding, c.run.name) == (
+        "small", 1, "none", "fourier_logsigma", trials[-1].name)
+
+    for override, message in (
+            ("sweep.grid.objective.tangent_norm=[l2,l3]", r"sweep\.grid\.objective\.tangent_norm: the value 'l3' is "
+                                                          r"refused: objective\.tangent_norm: 'l3' is not one of"),
+            ("sweep.grid.objective.tangent_nrom=[l2]", r"sweep\.grid\.objective\.tangent_nrom: unknown key; did you "
+                                                       r"mean sweep\.grid\.objective\.tangent_norm"),
+            ("sweep.grid.objectve.tangent_norm=[l2]", r"sweep\.grid\.objectve: unknown key"),
+            ("sweep.grid.optim.warmup=[10,ten]", r"sweep\.grid\.optim\.warmup\[1\]: expected an integer, got 'ten'"),
+            ("sweep.grid.optim.grad_clip=[-1]", r"sweep\.grid\.optim\.grad_clip: the value -1\.0 is refused"),
+            ("sweep.grid.run.dir=[a,b]", r"sweep\.grid\.run\.dir: run\.\* and tracking\.\* are set by the sweep"),
+            ("sweep.grid.train.steps=[]", r"sweep\.grid\.train\.steps: expected a non-empty list"),
+            ("sweep.sizes=[tiny]", r"sweep\.grid\.model\.size: give it once")):
+        with pytest.raises(ConfigError, match=message):
+            sweep.load_sweep(path, [override])
+
+    # Variants: named settings, each its own point of one more axis; a refused value names the variant.
+    base, config = sweep.load_sweep(path, ["sweep.variants={paper: {}, no_warmup: {objective.warmup_steps: 0}}"])
+    trials = config.trials(base)
+    assert len(trials) == 16 and trials[1].name == "tiny-lr0.001-seed0-tangent_norm=l2-no_warmup"
+    assert [sweep.trial_config(base, t).objective.warmup_steps for t in trials[:2]] == [10_000, 0]
+    for override, message in (
+            ("sweep.variants={bad: {objective.warmup_steps: -1}}", r"sweep\.variants\.bad: refused: "
+                                                                  r"objective\.warmup_steps: must be >= 0"),
+            ("sweep.variants={a/b: {}}", r"sweep\.variants\.a/b: a variant's name is part of trial names"),
+            ("sweep.stages={teacher: {lrs: [1e-3]}, scd: {overrides: {objective.teacher: x}}}",
+             r"sweep\.stages: objective\.teacher is set by each stage"),
+            ("sweep.stages={scd: {lrs: [1e-3]}}", r"sweep\.stages: scd start from each size's best teacher")):
+        with pytest.raises(ConfigError, match=message):
+            sweep.load_sweep(path, [override])
 
 
 def test_sweep_can_fit_an_eval_score(toy_shards, tmp_path, monkeypatch):
@@ -251,3 +304,132 @@ def test_sweep_whose_data_fail_on_the_workers_fails_fast_naming_the_path(local_r
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert {c.info.status for c in children} == {"FAILED"}
     assert all(str(shards) in c.data.tags["scmlab.failure"] for c in children)
+
+
+def test_study_report_fits_each_stage_and_sampler_ratios_and_seed_spread(tmp_path):
+    """report.analyse on a synthetic staged study whose scores follow known laws: per stage and sampler the law
+    is recovered with finite errors (5 sizes), the ratio table is student / teacher of each size's best trials,
+    and a variant's mean and spread over 3 seeds are exact."""
+    from scmlab.tune import report
+
+    sizes = {"a": 1e3, "b": 1e4, "c": 1e5, "d": 1e6, "e": 1e7}
+    laws = {"teacher": {"ode18": (0.1, 5.0, 0.3)}, "scd": {"1step": (0.2, 8.0, 0.3), "2step": (0.15, 6.0, 0.3)}}
+    metrics = {"teacher": "eval/energy/ode18", "scd": "eval/energy/2step"}
+    rows, trials, finals = [], [], {}
+    for stage, samplers in laws.items():
+        for size, n in sizes.items():
+            for lr, worse in ((1e-3, 1.0), (3e-3, 1.5)):
+                t = sweep.Trial(size, lr, 0, stage=stage)
+                values = {f"eval/energy/{k}": worse * (E + A * n ** -alpha) for k, (E, A, alpha) in samplers.items()}
+                finals[t.name] = values
+                trials.append(t)
+                rows.append(TrialResult(t.name, size, int(n), lr, 0, "ok", values[metrics[stage]], n * 100.0))
+    for seed, value in enumerate((1.5, 1.6, 1.7)):  # a worse variant of size a, teacher stage: 3 seeds
+        t = sweep.Trial("a", 1e-3, seed, stage="teacher", variant="no_warmup",
+                        variant_settings=(("objective.warmup_steps", 0),))
+        trials.append(t)
+        finals[t.name] = {"eval/energy/ode18": value}
+        rows.append(TrialResult(t.name, "a", 1000, 1e-3, seed, "ok", value, 1e5))
+    study = report.analyse(rows, trials, finals, metrics, str(tmp_path))
+    fits = {(f["stage"], f["score"], f["against"]): f for f in study["fits"]}
+    for stage, samplers in laws.items():
+        for sampler, (E, A, alpha) in samplers.items():
+            fit = fits[(stage, f"eval/energy/{sampler}", "params")]
+            assert (fit["E"], fit["alpha"]) == (pytest.approx(E, rel=1e-4), pytest.approx(alpha, rel=1e-4))
+            assert math.isfinite(fit["alpha_err"]) and fit["n"] == 5
+            assert study["metrics"][f"law/{stage}/energy/{sampler}/params/alpha"] == pytest.approx(alpha, rel=1e-4)
+    ratios = {r["size"]: r for r in study["ratios"]}
+    for size, n in sizes.items():
+        teacher = 0.1 + 5.0 * n ** -0.3
+        assert ratios[size]["ratios"]["scd/2step"] == pytest.approx((0.15 + 6.0 * n ** -0.3) / teacher)
+        assert ratios[size]["ratios"]["scd/1step"] == pytest.approx((0.2 + 8.0 * n ** -0.3) / teacher)
+        assert study["metrics"][f"ratio/scd/2step/{size}"] == ratios[size]["ratios"]["scd/2step"]
+    variant = next(s for s in study["settings"] if s["setting"] == "no_warmup")
+    assert variant["seeds"] == 3
+    assert variant["energy/ode18 mean"] == pytest.approx(1.6)
+    assert variant["energy/ode18 std"] == pytest.approx(0.1)
+    with open(tmp_path / "ratios.csv") as f:
+        assert {r["size"] for r in csv.DictReader(f)} == set(sizes)
+    text = (tmp_path / "report.md").read_text()
+    assert "## Student / teacher" in text and "## Settings over seeds" in text
+    assert "teacher energy/ode18 vs parameters: alpha = 0.3 ± " in text
+    assert "beyond the 95% interval of 0 (4.3 standard errors at 2 degrees of freedom)" in text
+    for name in study["files"]:
+        assert os.path.getsize(tmp_path / name) > 0
+    assert {"study_params.png", "study_flops.png", "report.md", "study.json"} <= set(study["files"])
+
+
+def write_study(path, shards, run_dir, uri, stages) -> str:
+    """A staged study on the 2-D toy: teacher -> sCD and sCT, 2 MLP sizes, scored by the energy distance."""
+    return write_sweep(path, shards, run_dir, uri=uri, sizes=["tiny", "small"], lrs=[], metric="eval/energy/ode4",
+                       stages=stages)
+
+
+STUDY_EVAL = ["eval.every=4", "eval.n=64", "eval.batch_size=64", "train.steps=4"]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_staged_study_students_start_from_the_best_teacher_and_resume(local_ray, local_services, toy_shards,
+                                                                      tmp_path):
+    """Teacher grid (2 sizes x 2 lrs), then sCD and sCT of each size from its best teacher (lowest final
+    eval/energy/ode4): on local Ray with the real MLflow server. The students train at a learning rate too small to
+    move an fp32 weight, so their final weights are their initial ones: equal, tensor for tensor, to the chosen
+    teacher's final EMA weights. The study first runs its teacher stage alone (an interrupted study), then resumes
+    with the students: no teacher reruns, the parent holds the ratio table."""
+    import torch
+
+    from scmlab.train import checkpoint
+
+    uri = local_services["env"]["MLFLOW_TRACKING_URI"]
+    run_dir = tmp_path / "study"
+    teacher = {"lrs": [1e-3, 3e-3], "overrides": {"eval.steps": [4]}}
+    students = {"lrs": [1e-30], "metric": "eval/energy/2step", "overrides": {"objective.warmup_steps": 2}}
+    path = write_study(tmp_path / "s.yaml", toy_shards, run_dir, uri, {"teacher": teacher})
+    first = sweep.run(*sweep.load_sweep(path, STUDY_EVAL))
+    teachers = ["teacher-tiny-lr0.001-seed0", "teacher-tiny-lr0.003-seed0", "teacher-small-lr0.001-seed0",
+                "teacher-small-lr0.003-seed0"]
+    assert (first["trials"], first["reused"]) == (teachers, [])
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sweep-test").experiment_id
+    histories = {r.info.run_name: len(client.get_metric_history(r.info.run_id, "loss/mse"))
+                 for r in client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = "
+                                                                         f"'{first['mlflow_run_id']}'")}
+
+    path = write_study(tmp_path / "s.yaml", toy_shards, run_dir, uri,
+                       {"teacher": teacher, "scd": students, "sct": students})
+    second = sweep.run(*sweep.load_sweep(path, STUDY_EVAL))
+    assert second["reused"] == teachers and second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert second["trials"] == ["scd-tiny-lr1e-30-seed0", "scd-small-lr1e-30-seed0", "sct-tiny-lr1e-30-seed0",
+                                "sct-small-lr1e-30-seed0"]
+    rows = {r.trial: r for r in read_results(second["results"])}
+    assert all(r.status == "ok" and r.final_loss > 0 for r in rows.values()), rows
+    children = {r.info.run_name: r for r in client.search_runs(
+        [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{second['mlflow_run_id']}'")}
+    for name, steps in histories.items():  # no teacher trained again
+        assert len(client.get_metric_history(children[name].info.run_id, "loss/mse")) == steps
+    for size in ("tiny", "small"):
+        best = min((n for n in teachers if f"-{size}-" in n), key=lambda n: rows[n].final_loss)
+        ema = checkpoint.load(str(run_dir / "trials" / best / "step-000000004"))["ema"]
+        for stage in ("scd", "sct"):
+            name = f"{stage}-{size}-lr1e-30-seed0"
+            tags = children[name].data.tags
+            assert (tags["scmlab.stage"], tags["scmlab.size"], tags["scmlab.teacher"]) == (stage, size, best)
+            assert children[name].data.params["objective.kind"] == stage
+            student = checkpoint.load(str(run_dir / "trials" / name / "step-000000004"))["model"]
+            for key, tensor in ema.items():
+                assert torch.equal(student[key], tensor), (name, key)
+    assert children[teachers[0]].data.tags["scmlab.stage"] == "teacher"
+
+    parent = client.get_run(second["mlflow_run_id"])
+    assert {"report.md", "ratios.csv", "study.json", "study_params.png", "results.csv"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
+    with open(client.download_artifacts(parent.info.run_id, "ratios.csv", str(tmp_path))) as f:
+        ratios = {r["size"]: r for r in csv.DictReader(f)}
+    for size in ("tiny", "small"):
+        best = min((n for n in teachers if f"-{size}-" in n), key=lambda n: rows[n].final_loss)
+        for stage in ("scd", "sct"):
+            student = rows[f"{stage}-{size}-lr1e-30-seed0"].final_loss
+            assert float(ratios[size][f"{stage}/2step_ratio"]) == pytest.approx(student / rows[best].final_loss)
+            assert parent.data.metrics[f"ratio/{stage}/2step/{size}"] == pytest.approx(
+                student / rows[best].final_loss)

@@ -12,6 +12,7 @@
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -323,7 +324,7 @@ def cmd_sweep(args) -> int:
     base, config = sweep.load_sweep(args.config, args.overrides)
     if args.dry_run:
         resolved = {**base.to_dict(), "sweep": dataclasses.asdict(config),
-                    "trials": [t.name for t in config.grid(base)]}
+                    "trials": [t.name for t in config.trials(base)]}
         sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
         return 0
     try:
@@ -339,6 +340,7 @@ def cmd_sweep(args) -> int:
             log.info("%s = %.4g + %.4g %s^-%.4g (alpha +- %.2g, E +- %.2g; %d points, %d trials left out)",
                      config.metric, fit["E"], fit["A"], against, fit["alpha"], fit["alpha_err"], fit["E_err"],
                      fit["n"], len(fit["left_out"]))
+    log.info("report %s", os.path.join(os.path.dirname(summary["results"]), "report.md"))
     log.info("results %s; MLflow parent run %s", summary["results"],
              summary["mlflow_url"] or summary["mlflow_run_id"])
     return 0

@@ -71,8 +71,8 @@ class ModelConfig:
     """Network family: `mlp` (vectors), `unet` or `dit` (images: the DDPM++/EDM2 UNet, or the diffusion
     transformer). Required."""
     size: str = ""
-    """Preset name within the family (see scmlab.nets): mlp `tiny`, `small`, `base`; unet `ci`, `small`, `cifar10`,
-    `S`..`XXL`; dit `ci`, `small`, `S`, `B`, `L`, `XL`. Required."""
+    """Preset name within the family (see scmlab.nets): mlp `nano`, `micro`, `tiny`, `mini`, `small`, `base`; unet
+    `ci`, `small`, `cifar10`, `S`..`XXL`; dit `ci`, `small`, `S`, `B`, `L`, `XL`. Required."""
     dropout: float | None = None
     """Dropout probability; null keeps the preset's default. The paper uses 0.2 for sCT on CIFAR-10."""
     time_embedding: str = "positional"

@@ -10,9 +10,13 @@ import torch.nn as nn
 from scmlab import tangent as T
 from scmlab.nets.layers import AdaptiveNorm, Conditioning, LogVarHead, outputs
 
-# Size presets: constructor arguments by name. 'tiny' is for CI (~15k parameters at D = 2).
+# Size presets: constructor arguments by name. 'tiny' is for CI (~15k parameters at D = 2); nano, micro, tiny, mini,
+# small double the width at each step: the ladder of the CPU scaling study (jobs/configs/study-toy.yaml).
 MLP_PRESETS = {
+    "nano": dict(width=8, num_blocks=2, emb_channels=16, num_features=16, logvar_channels=16, dropout=0.0),
+    "micro": dict(width=16, num_blocks=2, emb_channels=16, num_features=16, logvar_channels=16, dropout=0.0),
     "tiny": dict(width=32, num_blocks=2, emb_channels=32, num_features=32, logvar_channels=32, dropout=0.0),
+    "mini": dict(width=64, num_blocks=3, emb_channels=64, num_features=32, logvar_channels=32, dropout=0.0),
     "small": dict(width=128, num_blocks=3, emb_channels=128, num_features=64, logvar_channels=64, dropout=0.0),
     "base": dict(width=512, num_blocks=6, emb_channels=512, num_features=128, logvar_channels=128, dropout=0.0),
 }

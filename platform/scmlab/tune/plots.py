@@ -87,3 +87,23 @@ def plot_fit(fit: PowerLawFit, path: str, *, xlabel: str = "parameters", ylabel:
                 bbox=dict(facecolor="white", alpha=0.85, linewidth=0))
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_study(series: Sequence, path: str, *, xlabel: str, ylabel: str) -> str:
+    """Several scores against one x (a study's stages and samplers): each (label, points [{"x", "y", "size"}], fit
+    or None) as markers joined in order of x, its law dashed in the same color where one was fitted."""
+    from matplotlib import colormaps
+
+    fig, ax = _axes(xlabel, ylabel, f"{ylabel} vs {xlabel}")
+    for i, (label, points, fit) in enumerate(series):
+        color = colormaps["tab10"](i % 10)
+        points = sorted((p for p in points if p["x"] > 0 and p["y"] > 0), key=lambda p: p["x"])
+        if not points:
+            continue
+        ax.plot([p["x"] for p in points], [p["y"] for p in points], "o-", color=color, lw=1, ms=4,
+                label=label if fit is None else f"{label}: alpha {fit.alpha:.3g} +- {fit.alpha_err:.2g}")
+        if fit is not None:
+            x = np.geomspace(min(fit.x) / 1.5, max(fit.x) * 1.5, 100)
+            ax.plot(x, fit.predict(x), "--", color=color, lw=0.8)
+    ax.legend(fontsize=6)
+    return _save(fig, path)
