@@ -30,6 +30,11 @@ def load(*overrides):
     ("optim.betas=[0.9]", "optim.betas: must be two numbers"),
     ("optim.schedule=inv_sqrt", "optim.t_ref: must be > 0 with optim.schedule=inv_sqrt"),
     ("train.precision=fp16", "train.precision: 'fp16' is not one of auto, fp32, bf16"),
+    ("optim.lr=.inf", "optim.lr: expected a finite number, got inf"),
+    ("objective.P_mean=.nan", "objective.P_mean: expected a finite number, got nan"),
+    ("train.ema_half_life=-.inf", "train.ema_half_life: expected a finite number, got -inf"),
+    ("optim.betas=[0.9,.nan]", "optim.betas[1]: expected a finite number, got nan"),
+    ("optim.grad_clip=inf", "optim.grad_clip: expected a finite number, got 'inf'"),
 ])
 def test_bad_value_names_the_field(override, message):
     with pytest.raises(ConfigError) as e:

@@ -376,9 +376,11 @@ def _coerce(name: str, value, hint):
     if hint is float:
         try:
             _check(not isinstance(value, bool), "")
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError, ConfigError):
             raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+        _check(math.isfinite(number), f"{name}: expected a finite number, got {value!r}")
+        return number
     if hint is str:
         _check(isinstance(value, str), f"{name}: expected a string, got {value!r}")
         return value
