@@ -126,6 +126,45 @@ def test_repeated_nans_stop_with_the_last_good_checkpoint_intact(toy_shards, mak
     assert all(s["step"] == 4 for s in ckpt["optimizer"]["state"].values())  # steps 0..3 applied, 4 and 5 skipped
 
 
+def inf_after(k: int, where: str):
+    """Wrap build_optimizer so that, right after the k-th update (the loss of that step was finite), one entry of
+    the first weight (`model`) or of the optimizer state (`optimizer`) becomes inf."""
+    real = loop_module.build_optimizer
+
+    def build(config, params):
+        params = list(params)
+        optimizer = real(config, params)
+        update, calls = optimizer.step, []
+
+        def step():
+            update()
+            calls.append(step)
+            if len(calls) == k:
+                with torch.no_grad():
+                    target = params[0] if where == "model" else optimizer.state[params[0]]["exp_avg_sq"]
+                    target.view(-1)[0] = float("inf")
+        optimizer.step = step
+        return optimizer
+    return build
+
+
+@pytest.mark.parametrize("where", ["model", "optimizer"])
+def test_non_finite_weights_are_never_checkpointed(toy_shards, make_config, tmp_path, monkeypatch, where):
+    monkeypatch.setattr(loop_module, "build_optimizer", inf_after(4, where))
+    config = make_config(toy_shards, tmp_path, train={"steps": 20, "checkpoint_every": 1, "keep_checkpoints": 1,
+                                                      "max_bad_steps": 100})
+    with pytest.raises(TrainingDiverged) as e:
+        train(config)
+    last_good = os.path.join(tmp_path, "checkpoints", "step-000000003.pt")
+    assert f"step 4: non-finite values in {where}." in str(e.value)
+    assert f"Last good checkpoint: {last_good}" in str(e.value)
+    assert os.listdir(os.path.join(tmp_path, "checkpoints")) == ["step-000000003.pt"]  # pruning kept a finite one
+    ckpt = checkpoint.load(last_good)
+    tensors = [*ckpt["model"].values(), *ckpt["ema"].values(),
+               *(v for s in ckpt["optimizer"]["state"].values() for v in s.values())]
+    assert all(torch.isfinite(v).all() for v in tensors)
+
+
 def test_scd_distils_a_frozen_teacher_and_starts_from_its_ema(toy_shards, make_config, tmp_path):
     teacher = train(make_config(toy_shards, tmp_path / "teacher", objective={"kind": "diffusion"}))
     student_cfg = make_config(toy_shards, tmp_path / "student", objective={"kind": "scd", "teacher":

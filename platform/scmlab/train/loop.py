@@ -270,6 +270,7 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
                 bar.set_postfix(loss=_fmt(metrics.get("loss/mean", float("nan"))))
                 run.log_metrics(metrics, step=state["step"])
         if state["step"] % cfg.checkpoint_every == 0 or done:
+            _refuse_nonfinite(net, ema, optimizer, state["step"], store, device, distributed)
             uri = store.save(snapshot, state["step"], summary["metrics"])
             if rank == 0:
                 summary["checkpoint"] = uri
@@ -281,6 +282,28 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
     summary["step"] = state["step"]
     summary["bad_steps"] = state["bad_steps"]
     return summary
+
+
+def _refuse_nonfinite(net, ema, optimizer, step: int, store, device, distributed: bool) -> None:
+    """Raise TrainingDiverged, before a checkpoint is written, if the weights, the EMA or the optimizer state hold
+    NaN or Inf (a weight can go non-finite while the loss stays finite: an unused parameter, an overflowing update,
+    the EMA). So no checkpoint is ever written from them, `keep_checkpoints` can never prune the last finite one, and
+    the one the message names is finite. Checked at checkpoint steps only (one sync), agreed over the ranks."""
+    tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
+    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    tensors |= {f"optimizer.{i}.{k}": v for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()
+                if torch.is_tensor(v)}
+    tensors = {k: v for k, v in tensors.items() if v.is_floating_point()}
+    finite = torch.stack([torch.isfinite(v).all() for v in tensors.values()]).to(device)
+    ok = finite.all().float()
+    if distributed:
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    if not ok.item():
+        bad = [k for k, f in zip(tensors, finite.tolist()) if not f] or ["(another rank's)"]
+        raise TrainingDiverged(
+            f"step {step}: non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; no checkpoint "
+            f"was written from them. Last good checkpoint: {store.last()}. Try a lower optim.lr, optim.grad_clip > 0 "
+            f"or train.precision=fp32.")
 
 
 def _shared_message(error: Exception | None, rank: int, world_size: int) -> str:
