@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from scmlab import data
+from scmlab.config import ConfigError
 from scmlab.train import TrainingDiverged, checkpoint, train
 from scmlab.train import loop as loop_module
 
@@ -176,6 +177,38 @@ def test_scd_distils_a_frozen_teacher_and_starts_from_its_ema(toy_shards, make_c
     for name, value in teacher_ema.items():
         torch.testing.assert_close(student_model[name], value, rtol=0, atol=1e-8)
     assert np.isfinite(student["metrics"]["loss/mean"])
+
+
+def snapshot(root) -> dict:
+    """{relative path: bytes} of every file under root."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resuming_another_run_is_refused_unless_forced(toy_shards, digit_shards, make_config, tmp_path, caplog):
+    from scmlab import cli
+
+    teacher = tmp_path / "teacher"  # a diffusion teacher's run directory, reused by mistake for sCT
+    train(make_config(toy_shards, teacher, objective={"kind": "diffusion"}, train={"steps": 3, "keep_checkpoints": 2}))
+    before = snapshot(teacher)
+    command = ["train", "--config", str(teacher / "config.yaml")]
+    for overrides, difference in (
+            (["objective.kind=sct"], "objective.kind 'diffusion' -> 'sct'"),
+            (["model.size=small"], "model.size 'tiny' -> 'small'"),
+            ([f"data.train={digit_shards}", "model.arch=unet", "model.size=ci"],
+             "model.arch 'mlp' -> 'unet'; model.size 'tiny' -> 'ci'; data shape [2] -> [1, 8, 8]; data num_classes "
+             "0 -> 10"),
+            (["optim.lr=.inf"], "optim.lr: expected a finite number, got inf")):
+        assert cli.main([*command, *overrides]) == 2
+        assert difference in caplog.records[-1].getMessage()
+    assert "run.dir: " + str(teacher / "checkpoints" / "step-000000003.pt") + " is a checkpoint of another run" in \
+        caplog.text and "--force-resume" in caplog.text
+    with pytest.raises(ConfigError, match="objective.kind 'diffusion' -> 'sct'"):  # the loop's own check
+        train(make_config(toy_shards, teacher, objective={"kind": "sct"}))
+    assert snapshot(teacher) == before  # nothing written, nothing pruned
+
+    assert cli.main([*command, "objective.kind=sct", "train.steps=4", "--force-resume"]) == 0
+    resumed = checkpoint.load(str(teacher))
+    assert (resumed["step"], resumed["config"]["objective"]["kind"]) == (4, "sct")
 
 
 def test_teacher_with_other_data_is_rejected(toy_shards, digit_shards, make_config, tmp_path):

@@ -274,6 +274,10 @@ class RunConfig:
     """Where Ray Train keeps the checkpoints (train.workers >= 1), under run.name: a directory that every node sees,
     or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL, as for data). Empty = run.dir's parent, so that locally
     the Ray run directory is run.dir itself."""
+    force_resume: bool = False
+    """Resume the run's latest checkpoint even if it was written with another objective.kind, network (model.arch,
+    size, time_embedding, double_norm, guidance_input) or data shape; false = such a resume is refused, naming the
+    differences (`scmlab train --force-resume` sets it)."""
 
     def __post_init__(self):
         _check(bool(self.dir), "run.dir is required: a directory for checkpoints and samples (e.g. run.dir=runs/demo)")

@@ -29,7 +29,7 @@ from .loop import TrainingDiverged, train
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FILE = checkpoint.RAY_FILE
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../scmlab
 
 

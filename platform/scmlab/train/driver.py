@@ -1,7 +1,8 @@
 """The driver of a training run (`scmlab train`, jobs/train.py): everything that happens once per run, around the
-loop. In order: check the inputs (before any worker or MLflow run exists, so a bad config or a missing dataset
-costs nothing and names the field or URL), resolve the MLflow run, train in this process (train.workers = 0) or on
-Ray Train workers (scmlab.train.distributed), log the final EMA weights as an MLflow model.
+loop. In order: check the inputs (before any worker or MLflow run exists, so a bad config, a missing dataset or a
+run directory holding another run costs nothing and names the field, URL or checkpoint), resolve the MLflow run,
+train in this process (train.workers = 0) or on Ray Train workers (scmlab.train.distributed), log the final EMA
+weights as an MLflow model.
 """
 
 import dataclasses
@@ -10,7 +11,7 @@ import logging
 import os
 
 from ..config import Config
-from . import mlflow_run
+from . import checkpoint, mlflow_run
 from .loop import check_inputs, train
 
 log = logging.getLogger(__name__)
@@ -21,12 +22,17 @@ def run(config: Config, *, progress: bool = False) -> dict:
     "model_uri" (the EMA model). See scmlab.train.loop.train and scmlab.train.distributed.fit."""
     config = config.with_absolute_paths()  # the same meaning on every Ray worker as here
     manifest = check_inputs(config)
+    directories = [config.run.dir]
     if config.train.workers:
         from . import distributed
 
-        run_key = distributed.location(config)[2]
+        _, filesystem, run_key = distributed.location(config)
+        directories += [run_key] if filesystem is None else []  # a local Ray run directory
     else:
         run_key = config.run.dir
+    for directory in directories:  # the loop checks the checkpoint it restores too (an s3:// Ray run)
+        if stored := checkpoint.peek(directory):
+            checkpoint.check_resume(stored[0], config, manifest, stored[1])
     target = mlflow_run.resolve(config, run_key)
     if target is not None:
         log.info("MLflow run: %s", mlflow_run.ui_url(target))

@@ -134,6 +134,8 @@ def train(config: Config, *, rank: int = 0, world_size: int = 1, wrap=None, prog
     torch.manual_seed(cfg.seed)  # the same initialization on every rank
     net = build_model(config, manifest).to(device)
     resumed = store.restore(map_location=device)
+    if resumed:
+        checkpoint.check_resume(resumed, config, manifest, store.last())
     teacher = None
     if config.objective.teacher and (config.objective.kind == "scd" or not resumed):
         teacher = load_teacher(config, manifest).to(device)

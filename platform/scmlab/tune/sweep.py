@@ -169,8 +169,8 @@ def trial_config(base: Config, trial: Trial) -> Config:
     sweep_uri = distributed.location(base)[2]
     d = base.to_dict()
     d["model"]["size"], d["optim"]["lr"], d["train"]["seed"] = trial.size, trial.lr, trial.seed
-    d["run"] = {"dir": os.path.join(os.path.abspath(base.run.dir), "trials", trial.name), "name": trial.name,
-                "storage": f"{sweep_uri}/trials"}
+    d["run"] |= {"dir": os.path.join(os.path.abspath(base.run.dir), "trials", trial.name), "name": trial.name,
+                 "storage": f"{sweep_uri}/trials"}
     return Config.from_dict(d)
 
 
