@@ -1,6 +1,10 @@
 """The training loop and checkpoints: atomic writes, exact resume, the NaN guard, teachers, sample grids."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -209,6 +213,49 @@ def test_resuming_another_run_is_refused_unless_forced(toy_shards, digit_shards,
     assert cli.main([*command, "objective.kind=sct", "train.steps=4", "--force-resume"]) == 0
     resumed = checkpoint.load(str(teacher))
     assert (resumed["step"], resumed["config"]["objective"]["kind"]) == (4, "sct")
+
+
+def test_a_second_run_on_one_run_dir_or_ray_run_is_refused_and_a_killed_one_leaves_no_lock(toy_shards, make_config,
+                                                                                             tmp_path, caplog):
+    from scmlab import cli
+    from scmlab.train import lock
+
+    run_dir = tmp_path / "run"
+    config = tmp_path / "config.yaml"
+    config.write_text(make_config(toy_shards, run_dir, train={"steps": 10**6, "log_every": 1000,
+                                                              "checkpoint_every": 50}).to_yaml())
+    first = subprocess.Popen([sys.executable, "-m", "scmlab.cli", "train", "--config", str(config)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while f'"pid": {first.pid},' not in _read(run_dir / lock.LOCK_FILE) and time.monotonic() < deadline:
+            assert first.poll() is None
+            time.sleep(0.1)
+        assert cli.main(["train", "--config", str(config), "train.steps=1"]) == 2
+        assert f"run.dir {run_dir} is in use by another run (pid {first.pid} on " in caplog.text
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # a crash: the lock goes with the process
+        first.wait()
+    assert cli.main(["train", "--config", str(config), "train.steps=1"]) == 0
+
+    # A Ray run is locked by its storage and name, whatever run.dir: through a lock file on this machine for s3://.
+    for storage in (str(tmp_path / "ray"), "s3://scmlab/ray"):
+        a, b = (make_config(toy_shards, tmp_path / name, train={"workers": 2},
+                            run={"storage": storage, "name": "shared"}) for name in ("a", "b"))
+        with lock.held(a):
+            with pytest.raises(lock.RunInUse, match=f"Ray run {storage}/shared is in use by another run \\(pid "
+                                                    f"{os.getpid()} "):
+                with lock.held(b):
+                    pass
+        with lock.held(b):  # released with its holder
+            pass
+
+
+def _read(path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
 
 
 def test_teacher_with_other_data_is_rejected(toy_shards, digit_shards, make_config, tmp_path):
