@@ -251,9 +251,14 @@ class TrackingConfig:
     """MLflow experiment, created by the driver if missing."""
     system_metrics: bool = True
     """Sample CPU, memory and GPU use of the rank-0 worker into the run (`system/` metrics)."""
+    flush_timeout: float = 300.0
+    """Seconds the end of a run waits for the MLflow server to take what was logged while it was unreachable
+    (logging is queued and retried in the background: training never waits for the server); what is left then is
+    dropped with a warning."""
 
     def __post_init__(self):
         _one_of("tracking.kind", self.kind, TRACKERS)
+        _check(self.flush_timeout >= 0, f"tracking.flush_timeout: must be >= 0 seconds, got {self.flush_timeout}")
         self.uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
         if self.kind == "auto":
             self.kind = "mlflow" if self.uri else "none"

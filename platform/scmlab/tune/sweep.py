@@ -219,7 +219,7 @@ def run(base: Config, sweep: SweepConfig) -> dict:
     experiment_id = ensure_experiment(uri, base.tracking.experiment)
     sweep_key = distributed.location(base)[2]
     parent_id = _find_or_create(uri, experiment_id, SWEEP_TAG, sweep_key, base.run.name)
-    parent = MLflowTracker(uri, run_id=parent_id)
+    parent = MLflowTracker(uri, run_id=parent_id, flush_timeout=base.tracking.flush_timeout)
     with parent:
         parent.log_params({"sweep": dataclasses.asdict(sweep), **base.to_dict()})
         parent.log_params({"compute": {size: c for size, c in accounting.items()}})
@@ -268,7 +268,8 @@ def _spec(trial: Trial, config: Config, metric: str, accounting: dict, uri: str,
     return {"name": trial.name, "metric": metric, "size": trial.size, "lr": trial.lr, "seed": trial.seed,
             "config": config.to_dict(),
             "compute": accounting, "target": {"uri": uri, "experiment_id": experiment_id, "run_id": run_id,
-                                              "system_metrics": config.tracking.system_metrics}}
+                                              "system_metrics": config.tracking.system_metrics,
+                                              "flush_timeout": config.tracking.flush_timeout}}
 
 
 def max_concurrent(base: Config, sweep: SweepConfig, resources: dict, gpu: bool, num_trials: int) -> int:
@@ -366,7 +367,7 @@ def _trial(tune_config: dict) -> None:
     target, accounting = spec["target"], spec["compute"]
     run_uri = distributed.location(config)[2]
     context = tune.get_context()
-    child = MLflowTracker(target["uri"], run_id=target["run_id"])
+    child = MLflowTracker(target["uri"], run_id=target["run_id"], flush_timeout=target["flush_timeout"])
     child.log_params({"compute": accounting})
     child.set_tags({"ray.trial_id": context.get_trial_id(), "ray.trial_name": context.get_trial_name(),
                     "ray.trial_dir": context.get_trial_dir(), "ray.train_run": run_uri})
