@@ -44,26 +44,36 @@ class GaussianMixture:
         return self.mu[0] + self.s[0] / C.sqrt() * (x - torch.cos(t)[:, None] * self.mu[0])
 
 
-class TeacherNet(torch.nn.Module):
-    """The exact diffusion model: F*(x / sigma_d, t) = v(x, t) / sigma_d."""
+class ClosedForm(torch.nn.Module):
+    """The networks' call contract (scmlab.nets) around a closed form F(x, t): w_phi(t) = 0, and the tangent of a
+    fused sCM step by forward-mode AD of the closed form (exact to rounding, no graph)."""
 
     num_classes = 0
+
+    def forward(self, x, t, class_labels=None, guidance=None, return_logvar=False, tangent=None):
+        F = self.F(x, t)
+        out = (F, torch.zeros_like(t)) if return_logvar else (F,)
+        if tangent is not None:
+            with torch.no_grad():
+                out += (torch.func.jvp(self.F, (x, t), tangent)[1],)
+        return out if len(out) > 1 else F
+
+
+class TeacherNet(ClosedForm):
+    """The exact diffusion model: F*(x / sigma_d, t) = v(x, t) / sigma_d."""
 
     def __init__(self, data: GaussianMixture):
         super().__init__()
         self.data = data
 
-    def forward(self, x, t, class_labels=None, guidance=None, return_logvar=False):
+    def F(self, x, t):
         sd = self.data.sigma_d
-        F = (self.data.velocity(x.double() * sd, t.double()) / sd).to(x.dtype)
-        return (F, torch.zeros_like(t)) if return_logvar else F
+        return (self.data.velocity(x.double() * sd, t.double()) / sd).to(x.dtype)
 
 
-class ConsistencyNet(torch.nn.Module):
+class ConsistencyNet(ClosedForm):
     """The exact consistency model of one Gaussian, F = (cos t x_t - f*(x_t, t)) / (sin t sigma_d), with the
     Gaussian's mean and log-std as parameters (initialised to the truth) so that loss gradients can be checked."""
-
-    num_classes = 0
 
     def __init__(self, data: GaussianMixture, mu_shift=0.0):
         super().__init__()
@@ -71,11 +81,10 @@ class ConsistencyNet(torch.nn.Module):
         self.mu = torch.nn.Parameter(data.mu[0].clone() + mu_shift)
         self.log_s = torch.nn.Parameter(data.s[0].log().clone())
 
-    def forward(self, x, t, class_labels=None, guidance=None, return_logvar=False):
+    def F(self, x, t):
         sd, tt = self.sigma_d, t[:, None]
         x_t = x * sd
         s = self.log_s.exp()
         C = torch.cos(tt) ** 2 * s ** 2 + torch.sin(tt) ** 2 * sd ** 2
         f = self.mu + s / C.sqrt() * (x_t - torch.cos(tt) * self.mu)
-        F = (torch.cos(tt) * x_t - f) / (torch.sin(tt) * sd)
-        return (F, torch.zeros_like(t)) if return_logvar else F
+        return (torch.cos(tt) * x_t - f) / (torch.sin(tt) * sd)

@@ -103,7 +103,7 @@ for name in ("yaml", "webdataset", "PIL", "tqdm.contrib", "sklearn"):
     sys.modules[name] = None  # any import of these now fails
 import torch
 from scmlab import bench
-print(json.dumps(bench.bench_case("ci", (1, 8, 8), 2, torch.device("cpu"), warmup=1, iters=2)))
+print(json.dumps(bench.bench_case("dit", "ci", (1, 8, 8), 2, torch.device("cpu"), warmup=1, iters=2)))
 """
 
 
@@ -112,10 +112,11 @@ def test_bench_needs_torch_only():
                        timeout=120)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(result["step_ms"]) == {"diffusion", "sct_autograd", "sct_fd"}
-    assert all(v > 0 for v in result["step_ms"].values()) and result["ratio"]["sct_autograd"] > 0
-    assert result["peak_mem_MiB"] is None  # no allocator peak on the CPU
-
+    assert set(result["step_ms"]) == {"diffusion", "sct_autograd", "sct_fd", "sct_fused"}
+    assert all(v > 0 for v in result["step_ms"].values()) and result["ratio"]["sct_fused"] > 0
+    assert result["peak_mem_MiB"] is None and result["tflop_per_s"] is None  # no allocator peak on the CPU
+    flops = result["gflop_per_step"]
+    assert 0 < flops["diffusion"] < flops["sct_fused"] < flops["sct_autograd"]
 
 BASE_INSTALL = """
 import sys

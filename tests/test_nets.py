@@ -1,5 +1,5 @@
 """Networks: shapes and the call contract, parameter counts of the presets against the papers, forward-mode AD
-against finite differences, conditioning switches, and label dropout."""
+against finite differences, conditioning switches, and label dropout. (Their tangents: tests/test_tangent.py.)"""
 
 from types import SimpleNamespace
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from scmlab.nets import PRESETS, build_net, count_params
+from scmlab.nets.dit import Attention as DiTAttention
 from scmlab.nets.layers import AdaptiveNorm, FourierEmbedding, PositionalEmbedding
 from scmlab.nets.unet import SelfAttention
 
@@ -36,13 +37,13 @@ def inputs(data_shape, batch=3, dtype=torch.float32, seed=0):
 
 def test_time_embeddings_follow_their_definitions():
     t = torch.tensor([0.0, 0.7, 1.5], dtype=torch.float64)
-    pos = PositionalEmbedding(8, max_freq=4.0)(t)  # frequencies 4, 0.4, 0.04, 0.004 rad per unit t
+    pos, _ = PositionalEmbedding(8, max_freq=4.0)(t)  # frequencies 4, 0.4, 0.04, 0.004 rad per unit t
     torch.testing.assert_close(pos[:, 0], torch.cos(4.0 * t))
     torch.testing.assert_close(pos[:, 7], torch.sin(0.004 * t))
     fourier = FourierEmbedding(8, sigma_d=0.5).double()
     c_noise = torch.log(0.5 * torch.tan(t[1:])) / 4  # EDM's c_noise(sigma) with sigma = sigma_d tan t
-    torch.testing.assert_close(fourier(t[1:])[:, 0], torch.cos(2 * torch.pi * fourier.freqs[0] * c_noise))
-    assert torch.isfinite(fourier(t)).all()  # t = 0 (sigma = 0) is floored, not log(0)
+    torch.testing.assert_close(fourier(t[1:])[0][:, 0], torch.cos(2 * torch.pi * fourier.freqs[0] * c_noise))
+    assert torch.isfinite(fourier(t)[0]).all()  # t = 0 (sigma = 0) is floored, not log(0)
 
 
 @pytest.mark.parametrize("image", [True, False])
@@ -66,15 +67,18 @@ def test_adaptive_norm_equations(image):
             expected = normalized * spatial(pnorm(s)) + spatial(pnorm(b))
         else:
             expected = normalized * spatial(1 + s) + spatial(b)
-        torch.testing.assert_close(layer(x, emb), expected)
+        y, dy = layer(x, emb)
+        torch.testing.assert_close(y, expected)
+        assert dy is None  # a plain forward carries no tangent
 
 
-CASES = [("mlp", "tiny", (3,)), ("unet", "ci", (1, 8, 8)), ("unet", "ci", (3, 28, 28))]
+CASES = [("mlp", "tiny", (3,)), ("unet", "ci", (1, 8, 8)), ("dit", "ci", (1, 8, 8)), ("unet", "ci", (3, 28, 28)),
+         ("dit", "ci", (3, 28, 20))]
 
 
 @pytest.mark.parametrize(
     "arch,size,data_shape,num_classes,guidance_input",
-    [(*case, 0, False) for case in CASES[:2]] + [(*case, 4, True) for case in CASES],
+    [(*case, 0, False) for case in CASES[:3]] + [(*case, 4, True) for case in CASES],
 )
 def test_shapes_and_call_contract(arch, size, data_shape, num_classes, guidance_input):
     net = build_net(model_cfg(arch, size, guidance_input=guidance_input), data_shape=data_shape,
@@ -90,9 +94,12 @@ def test_shapes_and_call_contract(arch, size, data_shape, num_classes, guidance_
     assert logvar.shape == (3,)
     assert torch.all(logvar == 0)  # w_phi(t) starts at 0: unit weight
     assert torch.all(F == 0)  # zero-initialized output layer: F starts at 0
+    F3, logvar3, dF = net(x, t, labels, guidance, return_logvar=True, tangent=(torch.ones_like(x), torch.ones_like(t)))
+    assert torch.equal(F3, F) and torch.equal(logvar3, logvar) and dF.shape == x.shape
+    assert len(net(x, t, labels, guidance, tangent=(x, t))) == 2  # (F, dF)
 
 
-@pytest.mark.parametrize("arch,size,data_shape", CASES[:2])
+@pytest.mark.parametrize("arch,size,data_shape", CASES[:3])
 def test_conditioning_inputs_change_the_output_and_are_checked(arch, size, data_shape):
     net = randomize_(build_net(model_cfg(arch, size, guidance_input=True), data_shape=data_shape, num_classes=4))
     net.eval()
@@ -135,20 +142,39 @@ def test_preset_parameter_counts_match_the_papers(size, data_shape, num_classes,
     assert abs((count - shift / 1e6) / paper_millions - 1) < 0.01, (count, shift)
 
 
+# DiT (Peebles & Xie 2023, Table 1) at patch 2 on ImageNet 256 latents (4x32x32, 1000 classes), millions. Ours lack
+# adaLN-Zero's two gates per block (2 x (C^2 + C) weights): 10-11% under; with them counted, within 0.5%.
+DIT_PAPER_COUNTS = [("S", 33.0), ("B", 130.0), ("L", 458.0), ("XL", 675.0)]
+
+
+@pytest.mark.parametrize("size,paper_millions", DIT_PAPER_COUNTS)
+def test_dit_parameter_counts_match_the_paper(size, paper_millions):
+    cfg = model_cfg("dit", size)
+    count = count_params(cfg, data_shape=(4, 32, 32), num_classes=1000) / 1e6
+    assert 0.87 < count / paper_millions < 0.91, count
+    net = build_net(cfg, data_shape=(4, 32, 32), num_classes=1000, device="meta")
+    C = net.patchify.out_channels
+    gates = len(net.blocks) * 2 * (C * C + C)
+    assert abs((count + gates / 1e6) / paper_millions - 1) < 0.005, (count, gates)
+
+
 def test_small_presets_are_small():
     assert 10e3 <= count_params(model_cfg("mlp", "tiny"), data_shape=(2,)) <= 20e3
     assert 1e5 <= count_params(model_cfg("unet", "ci"), data_shape=(1, 28, 28), num_classes=10) <= 1e6
-    assert set(PRESETS) == {"mlp", "unet"} and {"ci", "cifar10", "XXL"} <= set(PRESETS["unet"])
+    assert 1e5 <= count_params(model_cfg("dit", "ci"), data_shape=(1, 8, 8), num_classes=10) <= 1e6
+    assert set(PRESETS) == {"mlp", "unet", "dit"} and {"ci", "cifar10", "XXL"} <= set(PRESETS["unet"])
+    assert {"ci", "S", "B", "L", "XL"} <= set(PRESETS["dit"])
 
 
-def test_unet_jvp_matches_central_differences_in_fp64():
-    """torch.func.jvp through the whole UNet (attention included) equals central finite differences, for a tangent
-    along x and one along t (any other is their linear combination); its primal, computed with the math attention,
-    equals the plain forward, computed with SDPA."""
+@pytest.mark.parametrize("arch,attention", [("unet", SelfAttention), ("dit", DiTAttention)])
+def test_jvp_matches_central_differences_in_fp64(arch, attention):
+    """torch.func.jvp through the whole UNet / DiT (attention included) equals central finite differences, for a
+    tangent along x and one along t (any other is their linear combination); its primal, computed with the math
+    attention, equals the plain forward, computed with SDPA."""
     torch.manual_seed(0)
-    net = build_net(model_cfg("unet", "ci", guidance_input=True), data_shape=(1, 8, 8), num_classes=3)
+    net = build_net(model_cfg(arch, "ci", guidance_input=True), data_shape=(1, 8, 8), num_classes=3)
     net = randomize_(net.double()).eval()
-    assert any(isinstance(m, SelfAttention) for m in net.modules())
+    assert any(isinstance(m, attention) for m in net.modules())
     x, t = inputs((1, 8, 8), batch=2, dtype=torch.float64)
     labels, guidance = torch.tensor([0, 2]), torch.tensor([1.5, 3.0], dtype=torch.float64)
 
@@ -166,10 +192,12 @@ def test_unet_jvp_matches_central_differences_in_fp64():
             fd = fd / (2 * eps)
             assert jvp.abs().max() > 1e-3  # the tangent is not trivially zero
             torch.testing.assert_close(jvp, fd, rtol=1e-6, atol=1e-8)
+            _, fused = net(x, t, labels, guidance, tangent=tangent)  # the fused step's tangent, too
+            torch.testing.assert_close(fused, fd, rtol=1e-6, atol=1e-8)
         torch.testing.assert_close(primal, F(x, t), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("arch,size,data_shape", CASES[:2])
+@pytest.mark.parametrize("arch,size,data_shape", CASES[:3])
 def test_double_norm_and_time_embeddings_are_finite_and_differ(arch, size, data_shape):
     x, t = inputs(data_shape)
     t = torch.cat([t, torch.tensor([0.0, torch.pi / 2])])  # the ends of the TrigFlow interval
@@ -221,7 +249,9 @@ def test_dropout_is_active_in_training_only():
 
 def test_build_net_rejects_unknown_names_and_applies_dropout_override():
     with pytest.raises(ValueError, match="arch"):
-        build_net(model_cfg("dit", "ci"), data_shape=(1, 8, 8))
+        build_net(model_cfg("vit", "ci"), data_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match="patch size"):
+        build_net(model_cfg("dit", "ci"), data_shape=(1, 9, 8))
     with pytest.raises(ValueError, match="ci, small"):
         build_net(model_cfg("unet", "huge"), data_shape=(1, 8, 8))
     with pytest.raises(ValueError, match="divisible"):

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from gaussian import ConsistencyNet, GaussianMixture, TeacherNet
-from scmlab import trigflow
+from scmlab import jvp, trigflow
 from scmlab.jvp import network_jvp
 from scmlab.nets import build_net
 from scmlab.objectives import DiffusionLoss, SCMLoss
@@ -95,13 +95,77 @@ def test_rescaled_tangent_equals_direct_form():
     torch.testing.assert_close(g, direct, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("mode", ["autograd", "fd"])
-def test_jvp_modes_give_the_same_loss_and_gradient(mode):
+@pytest.mark.parametrize("mode", ["fused", "fd"])
+def test_jvp_modes_give_the_same_loss(mode):
     net = mlp()
     x0, z, t = _batch(32)
     ref = SCMLoss("sct", sigma_d=SD, jvp="autograd", warmup_steps=0)(net, x0, step=0, t=t, z=z)[0].mean()
     got = SCMLoss("sct", sigma_d=SD, jvp=mode, fd_eps=1e-4, warmup_steps=0)(net, x0, step=0, t=t, z=z)[0].mean()
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9)
+
+
+def image_net(arch, dropout=0.3):
+    """UNet 'ci' (attention in its bottleneck) or DiT 'ci' in fp64, class-conditional, every weight perturbed."""
+    cfg = dict(arch=arch, size="ci", dropout=dropout, time_embedding="positional", time_max_freq=4.0,
+               double_norm=True, label_dropout=0.2, guidance_input=False, sigma_d=SD)
+    net = build_net(type("ModelConfig", (), cfg)(), data_shape=(1, 8, 8), num_classes=4).double()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return net
+
+
+@pytest.mark.parametrize("arch", ["mlp", "unet", "dit"])
+@pytest.mark.parametrize("kind", ["sct", "scd"])
+def test_fused_step_equals_the_autograd_step_in_fp64(arch, kind):
+    """One forward carrying the tangent gives the loss and every gradient of the separate-JVP step (with dropout
+    and label dropout on: the same masks), sCT and sCD."""
+    torch.manual_seed(0)
+    make = (lambda: mlp(dropout=0.3)) if arch == "mlp" else (lambda: image_net(arch))
+    nets = {mode: make().train() for mode in ("autograd", "fused")}
+    nets["fused"].load_state_dict(nets["autograd"].state_dict())
+    g = torch.Generator().manual_seed(1)
+    x0 = _batch(8)[0] if arch == "mlp" else torch.rand(8, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    labels = None if arch == "mlp" else torch.arange(8) % 4
+    teacher = image_net(arch, dropout=0.0).eval() if kind == "scd" and arch != "mlp" else \
+        (mlp().eval() if kind == "scd" else None)
+    results = {}
+    for mode, net in nets.items():
+        obj = SCMLoss(kind, sigma_d=SD, jvp=mode, warmup_steps=4, teacher=teacher)
+        torch.manual_seed(3)
+        loss, _ = obj(net, x0, labels, step=1, generator=torch.Generator().manual_seed(2))
+        loss.mean().backward()
+        results[mode] = loss.detach(), [p.grad for p in net.parameters()]
+    (ref_loss, ref_grads), (loss, grads) = results["autograd"], results["fused"]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-12)
+    assert sum(gr.abs().sum() for gr in ref_grads) > 1e-3
+    for got, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["unet", "dit"])
+def test_fused_step_has_F_minus_F_minus_exactly_zero_under_bf16(arch, monkeypatch):
+    """Under bf16 autocast, F_theta - F_theta^- is exactly zero in the fused step: the residual is exactly -g (the
+    unweighted loss is exactly mean(g^2)). A separate JVP pass evaluates F_theta^- with the math attention, which
+    in bf16 rounds differently from the training forward's fused kernel (DESIGN.md section 8): shown here on the
+    plain forward with the attention that a JVP pass takes (torch.func.jvp does not run under CPU autocast)."""
+    torch.manual_seed(0)
+    net = image_net(arch, dropout=0.0).float().eval()
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(16, 1, 8, 8, generator=g) * 2 - 1
+    z = torch.randn(x0.shape, generator=g) * SD
+    t = torch.rand(16, generator=g) * 1.4 + 0.1
+    obj = SCMLoss("sct", sigma_d=SD, jvp="fused", tangent_norm="none", warmup_steps=0, adaptive_weight=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = obj(net, x0, step=0, t=t, z=z)
+        _, g_target, _ = obj.tangent(net, x0, z, t, None, step=0)
+        assert g_target.abs().max() > 1e-2
+        assert torch.equal(loss, g_target.square().flatten(1).mean(1))
+        x = trigflow.noisy(x0, z, t) / SD
+        F = net(x, t)
+        monkeypatch.setattr(jvp, "_has_forward_tangent", lambda q: True)
+        assert not torch.equal(net(x, t), F)
 
 
 # --- exactness on Gaussian data ----------------------------------------------------------------------------------
@@ -215,7 +279,10 @@ def test_jvp_runs_on_the_module_inside_a_wrapper():
     torch.testing.assert_close(obj(Wrapped(net), x0, step=0, t=t, z=z)[0], obj(net, x0, step=0, t=t, z=z)[0])
 
 
-def test_through_real_ddp_gradients_match_the_bare_module():
+@pytest.mark.parametrize("mode", ["fused", "autograd"])
+def test_through_real_ddp_gradients_match_the_bare_module(mode):
+    """fused: one call through DDP's forward (its hooks see the training graph, the tangent stays outside it);
+    autograd: the JVP on the module inside, the training forward through DDP."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -226,11 +293,12 @@ def test_through_real_ddp_gradients_match_the_bare_module():
         ddp = torch.nn.parallel.DistributedDataParallel(mlp())
         ddp.module.load_state_dict(net.state_dict())
         x0, z, t = _batch(16)
-        obj = SCMLoss("sct", sigma_d=SD, warmup_steps=0)
+        obj = SCMLoss("sct", sigma_d=SD, warmup_steps=0, jvp=mode)
         obj(net, x0, step=0, t=t, z=z)[0].mean().backward()
         obj(ddp, x0, step=0, t=t, z=z)[0].mean().backward()
         for a, b in zip(net.parameters(), ddp.module.parameters()):
             torch.testing.assert_close(a.grad, b.grad)
+        del ddp  # its reducer holds the process group: free it first (freed after the group, gloo's teardown can hang)
     finally:
         dist.destroy_process_group()
 

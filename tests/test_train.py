@@ -56,7 +56,7 @@ def test_keep_prunes_old_checkpoints(tmp_path):
 # ---- the loop ------------------------------------------------------------------------------------------------------
 
 def step_indexed_loader(url, *, batch_size, seed, rank=0, world_size=1, num_workers=0, start_step=0,
-                        on_error="raise"):
+                        on_error="raise", pin_memory=False):
     """Batch k is a function of (seed, rank, k) only, so a resumed run sees the same data as a straight one (the
     real loader reseeds its shuffle on restart: statistically, not bitwise, equivalent)."""
     manifest = data.read_manifest(url)

@@ -1,15 +1,20 @@
 """Benchmarks that print JSON. Suites:
 
-- step: a TrigFlow diffusion training step against an sCT step of the same UNet (DESIGN section 3);
-- data: loader samples/s from local disk against the local S3 server (SeaweedFS), for 1 and 2 loader workers.
+- step: a TrigFlow diffusion training step against the sCT step of the same network, with each way of computing
+  its JVP (DESIGN section 3), for MLP, UNet and DiT presets;
+- data: loader samples/s from local disk against the local S3 server (SeaweedFS), for 1 and 2 loader workers;
+- train: the training loop's steps/s, bare and under Ray Train.
 
 The step suite:
 
-Both steps are forward + backward + Adam update under the training precision (bf16 autocast on CUDA, fp32 on CPU);
-the sCT step adds the tangent's JVP, by forward-mode AD (`autograd`) or central differences (`fd`). The variants run
-interleaved in one process, one step each per round, after warmup rounds that are not timed; the ratio sCM /
-diffusion is of the median step times. Peak memory is torch.cuda.max_memory_allocated per variant on CUDA; on CPU
-there is no per-variant allocator peak, so it is reported as null.
+Every step is forward + backward + Adam update under the training precision (bf16 autocast on CUDA, fp32 on CPU);
+the sCT step adds the tangent dF/dt: carried through the training forward (`sct_fused`, objective.jvp=fused), by a
+separate forward-mode AD pass (`sct_autograd`) or by central differences (`sct_fd`). The variants run interleaved in
+one process, one step each per round, after warmup rounds that are not timed; the ratio sCM / diffusion is of the
+median step times. Peak memory is torch.cuda.max_memory_allocated per variant on CUDA (null on CPU, which has no
+per-variant allocator peak). TFLOP/s (CUDA) divides the FLOPs that one step of the variant executes (counted once by
+torch.utils.flop_counter, untimed) by its median time; on CPU the count is reported alone (it misses the fused
+attention kernel's, which the counter does not see on CPU).
 
 Needs torch only: no data, config-file or progress-bar packages are imported on this path.
 """
@@ -21,6 +26,7 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from .config import ModelConfig, net_config
 from .nets import build_net
@@ -28,17 +34,21 @@ from .objectives import DiffusionLoss, SCMLoss
 
 log = logging.getLogger(__name__)
 
-# (preset, data shape, batch): debug sizes at Fashion-MNIST's shape on CPU; on CUDA also the paper's CIFAR-10
-# network and the EDM2 ImageNet 64 sizes at batches that fit one 80 GB GPU.
+# (arch, preset, data shape, batch). CPU: debug sizes, Fashion-MNIST's shape for images. CUDA: also the paper's
+# CIFAR-10 UNet, EDM2 ImageNet-64 sizes, a DiT-B at 32x32 and a DiT-XL on ImageNet-256 latents, at batches that fit
+# one 80 GB GPU.
 CASES = {
-    "cpu": [("ci", (1, 28, 28), 16), ("small", (1, 28, 28), 4)],
-    "cuda": [("ci", (1, 28, 28), 256), ("small", (1, 28, 28), 256), ("cifar10", (3, 32, 32), 128),
-             ("S", (3, 64, 64), 64), ("M", (3, 64, 64), 32)],
+    "cpu": [("mlp", "small", (2,), 512), ("unet", "ci", (1, 28, 28), 16), ("unet", "small", (1, 28, 28), 4),
+            ("dit", "ci", (1, 28, 28), 16), ("dit", "small", (1, 28, 28), 4)],
+    "cuda": [("mlp", "base", (2,), 4096), ("unet", "ci", (1, 28, 28), 256), ("unet", "small", (1, 28, 28), 256),
+             ("unet", "cifar10", (3, 32, 32), 128), ("unet", "S", (3, 64, 64), 64), ("unet", "M", (3, 64, 64), 32),
+             ("dit", "B", (3, 32, 32), 256), ("dit", "XL", (4, 32, 32), 64)],
 }
 VARIANTS = {
     "diffusion": lambda: DiffusionLoss(),
     "sct_autograd": lambda: SCMLoss("sct", warmup_steps=0, jvp="autograd"),
     "sct_fd": lambda: SCMLoss("sct", warmup_steps=0, jvp="fd"),
+    "sct_fused": lambda: SCMLoss("sct", warmup_steps=0, jvp="fused"),
 }
 
 
@@ -47,12 +57,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_case(size: str, shape: tuple, batch: int, device: torch.device, *, warmup: int, iters: int) -> dict:
-    """Median step time and peak memory of each variant for one UNet preset, and the sCM / diffusion ratios."""
+def bench_case(arch: str, size: str, shape: tuple, batch: int, device: torch.device, *, warmup: int,
+               iters: int) -> dict:
+    """Median step time, peak memory and FLOPs of each variant for one preset, and the sCM / diffusion ratios."""
     torch.manual_seed(0)
-    net = build_net(net_config(ModelConfig(arch="unet", size=size), 0.5), data_shape=shape).to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99))
-    amp = torch.bfloat16 if device.type == "cuda" else None
+    net = build_net(net_config(ModelConfig(arch=arch, size=size), 0.5), data_shape=shape).to(device)
+    cuda = device.type == "cuda"
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99),
+                                 **({"fused": True} if cuda else {"foreach": True}))  # as training builds it
+    amp = torch.bfloat16 if cuda else None
     x0 = torch.rand((batch, *shape), device=device) * 2 - 1
     losses = {name: make() for name, make in VARIANTS.items()}
     times = {name: [] for name in VARIANTS}
@@ -65,9 +78,14 @@ def bench_case(size: str, shape: tuple, batch: int, device: torch.device, *, war
         loss.mean().backward()
         optimizer.step()
 
+    flops = {}
+    for name, loss_fn in losses.items():
+        with FlopCounterMode(display=False) as counter:
+            step(loss_fn, 0)
+        flops[name] = counter.get_total_flops()
     for i in range(warmup + iters):
         for name, loss_fn in losses.items():
-            if device.type == "cuda":
+            if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             _sync(device)
             t0 = time.perf_counter()
@@ -75,27 +93,35 @@ def bench_case(size: str, shape: tuple, batch: int, device: torch.device, *, war
             _sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
-                if device.type == "cuda":
+                if cuda:
                     peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device))
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     return {
-        "preset": size, "data_shape": list(shape), "batch": batch,
+        "arch": arch, "preset": size, "data_shape": list(shape), "batch": batch,
         "params_M": round(sum(p.numel() for p in net.parameters()) / 1e6, 3),
         "step_ms": {k: round(v, 3) for k, v in ms.items()},
         "ratio": {k: round(ms[k] / ms["diffusion"], 3) for k in ms if k != "diffusion"},
-        "peak_mem_MiB": {k: round(v / 2**20, 1) for k, v in peak.items()} if device.type == "cuda" else None,
+        "peak_mem_MiB": {k: round(v / 2**20, 1) for k, v in peak.items()} if cuda else None,
+        "peak_mem_ratio": {k: round(peak[k] / peak["diffusion"], 3) for k in peak if k != "diffusion"}
+        if cuda else None,
+        "gflop_per_step": {k: round(v / 1e9, 3) for k, v in flops.items()},
+        "tflop_per_s": {k: round(flops[k] / ms[k] / 1e9, 2) for k in ms} if cuda else None,
     }
 
 
 def run_step_suite(device: torch.device, *, presets=None, warmup: int = 2, iters: int = 5) -> dict:
-    cases = [c for c in CASES[device.type] if presets is None or c[0] in presets]
+    """The CASES of the device; `presets` selects some: `arch:size` or a bare size (every arch that has it)."""
+    cases = [c for c in CASES[device.type] if presets is None or c[1] in presets or f"{c[0]}:{c[1]}" in presets]
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for what runs in fp32, as training allows
     results = []
-    for size, shape, batch in cases:
-        log.info("bench %s %s batch %d", size, shape, batch)
+    for arch, size, shape, batch in cases:
+        log.info("bench %s %s %s batch %d", arch, size, shape, batch)
         try:
-            results.append(bench_case(size, shape, batch, device, warmup=warmup, iters=iters))
+            results.append(bench_case(arch, size, shape, batch, device, warmup=warmup, iters=iters))
         except torch.cuda.OutOfMemoryError as e:  # record and go on with the other presets
-            results.append({"preset": size, "data_shape": list(shape), "batch": batch, "error": f"OOM: {e}"[:300]})
+            results.append({"arch": arch, "preset": size, "data_shape": list(shape), "batch": batch,
+                            "error": f"OOM: {e}"[:300]})
             torch.cuda.empty_cache()
     return {
         "suite": "step", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -188,7 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="step: one training step, diffusion vs sCM; data: loader samples/s, local disk vs S3; "
                         "train: the training loop's steps/s bare vs under Ray Train with 1 and 2 CPU workers")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--presets", help="comma-separated UNet presets (default: those that fit the device)")
+    p.add_argument("--presets", help="comma-separated presets, `arch:size` or a size for every arch that has it "
+                                     "(default: those that fit the device, e.g. unet:ci,dit:ci)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--iters", type=int, default=5, help="timed rounds (the median is reported)")
     p.add_argument("--json", help="also write the result here")

@@ -17,11 +17,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-ARCHS = ("mlp", "unet")
+ARCHS = ("mlp", "unet", "dit")
 TIME_EMBEDDINGS = ("positional", "fourier_logsigma")
 KINDS = ("diffusion", "sct", "scd")
 TANGENT_NORMS = ("l2", "rms", "clip", "none")
-JVP_MODES = ("autograd", "fd")
+JVP_MODES = ("fused", "autograd", "fd")
 OPTIMIZERS = ("adam", "radam")
 SCHEDULES = ("constant", "inv_sqrt")
 EMA_PROFILES = ("halflife", "power")
@@ -66,9 +66,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = ""
-    """Network family: `mlp` (vectors) or `unet` (images). Required."""
+    """Network family: `mlp` (vectors), `unet` or `dit` (images: the DDPM++/EDM2 UNet, or the diffusion
+    transformer). Required."""
     size: str = ""
-    """Preset name within the family (see scmlab.nets; e.g. `ci`, `small`, `cifar10`, `S`..`XXL`). Required."""
+    """Preset name within the family (see scmlab.nets): mlp `tiny`, `small`, `base`; unet `ci`, `small`, `cifar10`,
+    `S`..`XXL`; dit `ci`, `small`, `S`, `B`, `L`, `XL`. Required."""
     dropout: float | None = None
     """Dropout probability; null keeps the preset's default. The paper uses 0.2 for sCT on CIFAR-10."""
     time_embedding: str = "positional"
@@ -115,8 +117,9 @@ class ObjectiveConfig:
     """H of the tangent warmup r = min(1, step / H); 0 turns the warmup off."""
     adaptive_weight: bool = True
     """Learned adaptive weighting exp(w_phi(t)) / D ||.||^2 - w_phi(t); off = plain mean squared error."""
-    jvp: str = "autograd"
-    """How dF/dt is computed: `autograd` (exact forward-mode AD) or `fd` (central finite differences)."""
+    jvp: str = "fused"
+    """How dF/dt is computed: `fused` (the tangent carried through the training forward, layer by layer: one
+    forward for F and F^-), `autograd` (a separate forward-mode AD pass) or `fd` (central finite differences)."""
     guidance_scale: float = 1.0
     """Classifier-free guidance scale applied to the sCD teacher's velocity (1 = no guidance)."""
 

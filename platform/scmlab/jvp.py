@@ -4,13 +4,18 @@ sCM needs cos(t) sin(t) dF_theta^-/dt, the total derivative of the stop-gradient
 of Lu & Song 2024). One JVP of F at (x_t / sigma_d, t) with tangent (cos t sin t dx_t/dt / sigma_d, cos t sin t)
 returns it, together with F itself as the primal output.
 
-Two ways to compute it:
+Three ways to compute it (``objective.jvp``):
+- ``fused`` (the default): the tangent is carried through the training forward itself, layer by layer
+  (scmlab.tangent), so F_theta^- is the training forward's own value and the JVP costs one linear pass with no
+  primal recomputed and nothing stored for the backward. Networks take it as ``net(..., tangent=(dx, dt))``.
 - ``autograd``: exact forward-mode AD (``torch.func.jvp``) on the *unwrapped* module (it fails through DDP/FSDP
   wrappers; theta^- is a stop-gradient, so running it outside the wrapper is exact).
-- ``fd``: central finite differences, three forward passes, for networks with layers that lack forward-AD rules.
+- ``fd``: central finite differences, three forward passes.
 
-Both evaluate the network under the same random state (dropout masks), which is also the state of the training
-forward that follows, so F_theta - F_theta^- is zero in value and only carries the gradient.
+The last two (``network_jvp``) evaluate the network under the same random state (dropout masks), which is also the
+state of the training forward that follows, so F_theta - F_theta^- is zero in value up to the rounding of the
+kernels: under bf16 the JVP's math attention and the training forward's fused kernel round differently, an error
+of the size of g's entries at image resolutions (DESIGN.md section 8), which ``fused`` does not have.
 """
 
 import contextlib
@@ -19,7 +24,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as nnF
 
-JVP_MODES = ("autograd", "fd")
+JVP_MODES = ("fused", "autograd", "fd")
 
 
 @contextlib.contextmanager
@@ -32,7 +37,8 @@ def replay_randomness(device: torch.device):
 def network_jvp(fn, primals: tuple, tangents: tuple, mode: str = "autograd", eps: float = 1e-3):
     """Return (fn(*primals), directional derivative of fn at primals along tangents), both without a graph.
 
-    Every evaluation of fn runs under the RNG state found on entry, and that state is restored on exit.
+    Every evaluation of fn runs under the RNG state found on entry, and that state is restored on exit. (The
+    ``fused`` mode has no separate pass: the network carries the tangent, see SCMLoss.evaluate.)
     """
     device = primals[0].device
     with torch.no_grad():
@@ -48,7 +54,7 @@ def network_jvp(fn, primals: tuple, tangents: tuple, mode: str = "autograd", eps
 
             out = at(0.0)
             return out, (at(eps) - at(-eps)) / (2 * eps)
-    raise ValueError(f"jvp mode {mode!r} is not one of {', '.join(JVP_MODES)}")
+    raise ValueError(f"network_jvp: mode {mode!r} is not autograd or fd")
 
 
 def _has_forward_tangent(x: torch.Tensor) -> bool:

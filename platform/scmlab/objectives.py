@@ -82,12 +82,14 @@ class SCMLoss:
 
     theta^- is a stop-gradient of the same weights. cos(t) sin(t) dF_theta^-/dt is ONE JVP of F at
     (x_t / sigma_d, t) with tangent (cos t sin t dx_t/dt / sigma_d, cos t sin t); scaling the tangent by
-    cos t sin t inside the JVP keeps it finite in low precision near t = 0 and t = pi/2.
+    cos t sin t inside the JVP keeps it finite in low precision near t = 0 and t = pi/2. ``jvp`` picks how it is
+    computed (see `evaluate`): ``fused`` carries it through the training forward, ``autograd`` and ``fd`` run a
+    separate JVP pass.
     """
 
     def __init__(self, kind: str = "sct", sigma_d: float = 0.5, P_mean: float = -1.0, P_std: float = 1.4,
                  tangent_norm: str = "l2", tangent_c: float = 0.1, warmup_steps: int = 10_000,
-                 adaptive_weight: bool = True, jvp: str = "autograd", fd_eps: float = 1e-3,
+                 adaptive_weight: bool = True, jvp: str = "fused", fd_eps: float = 1e-3,
                  teacher: torch.nn.Module | None = None, guidance_scale: float = 1.0):
         for name, value, allowed in (("kind", kind, KINDS), ("tangent_norm", tangent_norm, TANGENT_NORMS),
                                      ("jvp", jvp, JVP_MODES)):
@@ -126,8 +128,26 @@ class SCMLoss:
             return g.clamp(-1.0, 1.0)
         return g
 
-    def tangent(self, net, x0, z, t, class_labels, step: int, guidance=None):
-        """The target direction g of Algorithm 1 and F_theta^-, both detached. Returns (F_minus, g, stats)."""
+    def evaluate(self, net, x, t, dx, dt, class_labels, guidance):
+        """One evaluation of the network for the step: (F_theta with its graph, w_phi(t), F_theta^-, the JVP of
+        F_theta^- at (x, t) along (dx, dt)), the last two without a graph.
+
+        fused: ONE call of the network as trained (through its DDP wrapper, so gradients synchronize), the tangent
+        carried through every layer (scmlab.tangent); F_theta^- is F_theta's value, exactly, in any precision.
+        autograd / fd: the JVP on the unwrapped module (scmlab.jvp.network_jvp), then the training forward under
+        the same random state (same dropout masks).
+        """
+        if self.jvp == "fused":
+            F, logvar, dF = net(x, t, class_labels, guidance, return_logvar=True, tangent=(dx, dt))
+            return F, logvar, F.detach(), dF
+        inner = _unwrap(net)
+        F_m, dF = network_jvp(lambda x, t: inner(x, t, class_labels, guidance), (x, t), (dx, dt), mode=self.jvp,
+                              eps=self.fd_eps)
+        F, logvar = net(x, t, class_labels, guidance, return_logvar=True)
+        return F, logvar, F_m, dF
+
+    def _step(self, net, x0, z, t, class_labels, step: int, guidance):
+        """(F_theta, w_phi(t), F_theta^-, g, stats) of Algorithm 1."""
         sd = self.sigma_d
         x_t = trigflow.noisy(x0, z, t)
         if self.kind == "sct":
@@ -135,31 +155,30 @@ class SCMLoss:
         else:
             dxt_dt = self.teacher_velocity(x_t, t, class_labels)
         cs = torch.cos(t) * torch.sin(t)  # (B,)
-        inner = _unwrap(net)
-
-        def F_minus(x, tt):
-            return inner(x, tt, class_labels, guidance)
-
-        F_m, cs_dF_dt = network_jvp(F_minus, (x_t / sd, t), (trigflow.expand(cs, x0) * dxt_dt / sd, cs),
-                                    mode=self.jvp, eps=self.fd_eps)
+        F, logvar, F_m, cs_dF_dt = self.evaluate(net, x_t / sd, t, trigflow.expand(cs, x0) * dxt_dt / sd, cs,
+                                                 class_labels, guidance)
         F_m, cs_dF_dt, x_t, dxt_dt, t, cs = map(_full, (F_m, cs_dF_dt, x_t, dxt_dt, t, cs))
         r = self.warmup(step)
         g = -trigflow.expand(torch.cos(t).square(), x0) * (sd * F_m - dxt_dt) \
             - r * (trigflow.expand(cs, x0) * x_t + sd * cs_dF_dt)
         raw = _norm(g, rms=True)
         g = self.normalize(g)
-        stats = {"tangent/rms": raw.mean(), "tangent/rms_max": raw.max(), "tangent/warmup": r}
+        stats = {"tangent/rms": raw.mean(), "tangent/rms_max": raw.max(), "tangent/warmup": r,
+                 "weight/logvar": logvar.detach().float().mean()}
+        return F, logvar, F_m, g, stats
+
+    @torch.no_grad()
+    def tangent(self, net, x0, z, t, class_labels, step: int, guidance=None):
+        """The target direction g of Algorithm 1 and F_theta^-, both detached, as the step computes them (for
+        tests and diagnostics: no graph). Returns (F_minus, g, stats)."""
+        _, _, F_m, g, stats = self._step(net, x0, z, t, class_labels, step, guidance)
         return F_m, g, stats
 
     def __call__(self, net, x0, class_labels=None, *, step: int, generator=None, t=None, z=None, guidance=None):
         t, z = _draw(x0, self.sigma_d, self.P_mean, self.P_std, generator, t, z)
-        F_m, g, stats = self.tangent(net, x0, z, t, class_labels, step, guidance)
-        # The training forward replays the random state the JVP used (same dropout masks): F_theta == F_theta^-.
-        x_t = trigflow.noisy(x0, z, t)
-        F, logvar = net(x_t / self.sigma_d, t, class_labels, guidance, return_logvar=True)
-        residual = _full(F) - F_m - g
+        F, logvar, F_m, g, stats = self._step(net, x0, z, t, class_labels, step, guidance)
+        residual = _full(F) - F_m - g  # F_theta - F_theta^- is zero in value: it carries the gradient
         loss = _weighted(residual.square(), _full(logvar) if self.adaptive_weight else None)
-        stats["weight/logvar"] = logvar.detach().float().mean()
         return loss, stats
 
 

@@ -133,9 +133,12 @@ class Loader:
     """Endless batches (x, labels) from make_loader. `skipped`: samples dropped under on_error="skip", summed over
     the DataLoader workers, as of the batches delivered so far (report it with the training metrics)."""
 
-    def __init__(self, stream: _Stream, num_workers: int):
-        self._batches = iter(stream) if num_workers == 0 else \
-            iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers))
+    def __init__(self, stream: _Stream, num_workers: int, pin_memory: bool = False):
+        # Pinned (page-locked) batches copy to a GPU asynchronously: the DataLoader's pinning thread does it for
+        # worker processes, __next__ for batches made in this process.
+        self._pin_here = pin_memory and num_workers == 0
+        self._batches = iter(stream) if num_workers == 0 else iter(
+            torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory))
         self._skipped: dict[int, int] = {}  # worker -> its count in the latest batch it delivered
 
     def __iter__(self) -> "Loader":
@@ -144,6 +147,8 @@ class Loader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, labels, worker, skipped = next(self._batches)
         self._skipped[int(worker)] = int(skipped)
+        if self._pin_here:
+            x, labels = x.pin_memory(), None if labels is None else labels.pin_memory()
         return x, labels
 
     @property
@@ -152,12 +157,13 @@ class Loader:
 
 
 def make_loader(url: str, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                start_step: int = 0, on_error: str = "raise") -> Loader:
+                start_step: int = 0, on_error: str = "raise", pin_memory: bool = False) -> Loader:
     """Endless batches (x, labels) from the dataset at `url` (a local path or s3:// URL; see
     scmlab.data.manifest): x float32 in model space ((B, C, H, W) images in [-1, 1], or (B, D) normalized vectors),
-    labels (B,) long or None (unconditional). `on_error`: "raise" or "skip" bad samples (counted in `.skipped`)."""
+    labels (B,) long or None (unconditional). `on_error`: "raise" or "skip" bad samples (counted in `.skipped`).
+    `pin_memory`: page-locked batches, for training on CUDA."""
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     stream = _Stream(url, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, start_step=start_step,
                      on_error=on_error)
-    return Loader(stream, num_workers)
+    return Loader(stream, num_workers, pin_memory)

@@ -1,7 +1,10 @@
-"""Networks F_theta for sCM: a registry of architectures ('mlp', 'unet') with size presets.
+"""Networks F_theta for sCM: a registry of architectures ('mlp', 'unet', 'dit') with size presets.
 
-Every network is called as ``net(x, t, class_labels=None, guidance=None, return_logvar=False)`` with x already
-divided by sigma_d and t the TrigFlow time (B,); it returns F (shape of x), or (F, w_phi(t) of shape (B,)).
+Every network is called as ``net(x, t, class_labels=None, guidance=None, return_logvar=False, tangent=None)`` with
+x already divided by sigma_d and t the TrigFlow time (B,); it returns F (shape of x), or (F, w_phi(t) of shape
+(B,)). With ``tangent=(dx, dt)`` (tensors shaped as x and t) it also returns, last, the directional derivative of
+F at (x, t) along (dx, dt), carried through the same forward (scmlab.tangent) and without a graph; labels and the
+guidance scale are held fixed. That is the fused sCM step (``objective.jvp: fused``).
 """
 
 import contextlib
@@ -9,13 +12,14 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from scmlab.nets.dit import DIT_PRESETS, DiT
 from scmlab.nets.mlp import MLP, MLP_PRESETS
 from scmlab.nets.unet import UNET_PRESETS, UNet
 
-ARCHITECTURES = {"mlp": MLP, "unet": UNet}
-PRESETS = {"mlp": MLP_PRESETS, "unet": UNET_PRESETS}  # arch -> size -> constructor arguments
+ARCHITECTURES = {"mlp": MLP, "unet": UNet, "dit": DiT}
+PRESETS = {"mlp": MLP_PRESETS, "unet": UNET_PRESETS, "dit": DIT_PRESETS}  # arch -> size -> constructor arguments
 
-__all__ = ["ARCHITECTURES", "MLP", "PRESETS", "UNet", "build_net", "count_params"]
+__all__ = ["ARCHITECTURES", "MLP", "PRESETS", "DiT", "UNet", "build_net", "count_params"]
 
 
 def build_net(cfg, *, data_shape: tuple[int, ...], num_classes: int = 0, device=None) -> nn.Module:

@@ -1,17 +1,19 @@
-"""JVP-safe building blocks shared by the MLP and the UNet: time embeddings, pixel norm, adaptive (double)
-normalization and the learned adaptive weighting head w_phi(t).
+"""Building blocks shared by the MLP, the UNet and the DiT: time embeddings, adaptive (double) normalization, the
+conditioning embedding and the learned adaptive weighting head w_phi(t).
 
 Shape legend: B batch, C channels, E conditioning-embedding width, N feature count of a time embedding.
 
-Every layer is safe under forward-mode AD (``torch.func.jvp`` and ``torch.autograd.forward_ad``): no in-place
-ops on activations, no BatchNorm, no buffer written in ``forward``.
+Every layer carries a tangent (scmlab.tangent): ``forward(x, ..., dx=None, ...)`` returns (y, dy), with dy = None
+in a plain forward. Every layer is also safe under forward-mode AD (``torch.func.jvp``): no in-place ops on
+activations, no BatchNorm, no buffer written in ``forward``.
 """
 
 import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as nnF
+
+from scmlab import tangent as T
 
 
 class PositionalEmbedding(nn.Module):
@@ -28,13 +30,12 @@ class PositionalEmbedding(nn.Module):
         self.num_channels = num_channels
         self.max_freq = max_freq
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, N)
+    def forward(self, t: torch.Tensor, dt: torch.Tensor | None = None):  # (B,) -> (B, N)
         # Computed on the fly rather than stored: nothing to move between devices or load from checkpoints.
         half = self.num_channels // 2
         exponents = torch.arange(half, device=t.device, dtype=t.dtype) / max(half - 1, 1)
         freqs = self.max_freq * (1e-3**exponents)
-        angles = t[:, None] * freqs[None, :]  # (B, N/2)
-        return torch.cat([angles.cos(), angles.sin()], dim=1)
+        return _cos_sin(t[:, None] * freqs[None, :], None if dt is None else dt[:, None] * freqs[None, :])
 
 
 class FourierEmbedding(nn.Module):
@@ -52,11 +53,25 @@ class FourierEmbedding(nn.Module):
         self.sigma_min = sigma_min
         self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, N)
-        sigma = (self.sigma_d * torch.tan(t)).clamp_min(self.sigma_min)
-        c_noise = sigma.log() / 4
-        angles = c_noise[:, None] * (2 * math.pi * self.freqs.to(t.dtype))[None, :]  # (B, N/2)
-        return torch.cat([angles.cos(), angles.sin()], dim=1)
+    def forward(self, t: torch.Tensor, dt: torch.Tensor | None = None):  # (B,) -> (B, N)
+        sigma_raw = self.sigma_d * torch.tan(t)
+        c_noise = sigma_raw.clamp_min(self.sigma_min).log() / 4
+        freqs = (2 * math.pi * self.freqs.to(t.dtype))[None, :]
+        dc_noise = None
+        if dt is not None:
+            with torch.no_grad():  # d log(sigma_d tan t) / 4 = dt / (4 sin t cos t); 0 where sigma is floored
+                dc_noise = torch.where(sigma_raw > self.sigma_min, dt / (4 * torch.sin(t) * torch.cos(t)), 0.0)
+        return _cos_sin(c_noise[:, None] * freqs, None if dc_noise is None else dc_noise[:, None] * freqs)
+
+
+def _cos_sin(angles: torch.Tensor, dangles: torch.Tensor | None):
+    """Features [cos a, sin a] (B, N) of angles (B, N/2), and their tangent [-sin a da, cos a da]."""
+    cos, sin = angles.cos(), angles.sin()
+    y = torch.cat([cos, sin], dim=1)
+    if dangles is None:
+        return y, None
+    with torch.no_grad():
+        return y, torch.cat([-sin * dangles, cos * dangles], dim=1)
 
 
 TIME_EMBEDDINGS = ("positional", "fourier_logsigma")
@@ -71,29 +86,19 @@ def time_embedding(kind: str, num_channels: int, *, max_freq: float, sigma_d: fl
     raise ValueError(f"time_embedding {kind!r} is not one of {', '.join(TIME_EMBEDDINGS)}")
 
 
-def pixel_norm(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
-    """x / sqrt(mean(x^2 over the channel dim) + eps) (Karras et al. 2018, Eq. 2)."""
-    # Statistics in at least float32: a mean of squares in fp16 under autocast overflows / underflows.
-    mean_square = x.to(torch.promote_types(x.dtype, torch.float32)).square().mean(dim=dim, keepdim=True)
-    return x * torch.rsqrt(mean_square + eps).to(x.dtype)
-
-
-def _expand_like(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B, C) -> (B, C, 1, ...) to broadcast over x's trailing (spatial) dims."""
-    return v.reshape(*v.shape, *([1] * (x.ndim - v.ndim)))
-
-
 class AdaptiveNorm(nn.Module):
     """Conditioning of a normalized activation on the embedding (Lu & Song 2024, sec. 4.1).
 
     double_norm=True (the paper's adaptive double normalization): y = norm(x) * pnorm(s(emb)) + pnorm(b(emb)).
     double_norm=False (plain AdaGN, as in ADM/EDM): y = norm(x) * (1 + s(emb)) + b(emb).
-    ``norm`` is a parameter-free GroupNorm for images (B, C, H, W) and LayerNorm for vectors (B, C).
+    ``norm`` is a parameter-free GroupNorm over the channels of images (B, C, H, W), or a LayerNorm over the last
+    dimension of vectors (B, C) and tokens (B, N, C); s and b are (B, C), broadcast over the rest.
     """
 
     def __init__(self, channels: int, emb_channels: int, *, double_norm: bool = True, image: bool = True):
         super().__init__()
         self.double_norm = double_norm
+        self.image = image
         self.norm = (
             nn.GroupNorm(group_count(channels), channels, affine=False)
             if image
@@ -101,13 +106,26 @@ class AdaptiveNorm(nn.Module):
         )
         self.affine = nn.Linear(emb_channels, 2 * channels)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.affine(emb).chunk(2, dim=1)  # (B, C) each
+    def forward(self, x, emb, dx=None, demb=None):
+        n, dn = (T.group_norm if self.image else T.layer_norm)(self.norm, x, dx)
+        s, ds = T.linear_map(lambda a: a.unflatten(1, (2, -1)), T.linear(self.affine, emb, demb))  # (B, 2, C)
         if self.double_norm:
-            scale, shift = pixel_norm(scale), pixel_norm(shift)
-        else:
+            s, ds = T.pixel_norm(s, ds, dim=2)  # scale and shift each
+        scale, shift = self._broadcast(s, x)
+        if not self.double_norm:
             scale = 1 + scale
-        return self.norm(x) * _expand_like(scale, x) + _expand_like(shift, x)
+        y = n * scale + shift
+        if dx is None:
+            return y, None
+        with torch.no_grad():  # the product rule: dn * scale + n * dscale + dshift
+            dscale, dshift = self._broadcast(ds, x)
+            return y, torch.addcmul(dshift, n, dscale).addcmul_(dn, scale)
+
+    def _broadcast(self, s, x):
+        """(B, 2, C) -> scale and shift shaped to broadcast over x: (B, C, 1, 1) for images, (B, 1, C) for tokens."""
+        B, _, C = s.shape
+        shape = (B, C, *[1] * (x.ndim - 2)) if self.image else (B, *[1] * (x.ndim - 2), C)
+        return s[:, 0].reshape(shape), s[:, 1].reshape(shape)
 
 
 def group_count(channels: int, max_groups: int = 32, min_channels_per_group: int = 4) -> int:
@@ -124,8 +142,10 @@ class ConditionMLP(nn.Module):
         self.linear0 = nn.Linear(num_features, emb_channels)
         self.linear1 = nn.Linear(emb_channels, emb_channels)
 
-    def forward(self, c: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, E)
-        return self.linear1(nnF.silu(self.linear0(self.features(c))))
+    def forward(self, c, dc=None):  # (B,) -> (B, E)
+        h, dh = self.features(c, dc)
+        h, dh = T.silu(*T.linear(self.linear0, h, dh))
+        return T.linear(self.linear1, h, dh)
 
 
 class LogVarHead(nn.Module):
@@ -142,8 +162,9 @@ class LogVarHead(nn.Module):
         nn.init.zeros_(self.linear1.weight)
         nn.init.zeros_(self.linear1.bias)
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B,)
-        return self.linear1(nnF.silu(self.linear0(self.features(t)))).squeeze(1)
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B,); only F's tangent is needed, not w_phi's
+        features, _ = self.features(t)
+        return self.linear1(nn.functional.silu(self.linear0(features))).squeeze(1)
 
 
 class Conditioning(nn.Module):
@@ -180,8 +201,9 @@ class Conditioning(nn.Module):
             else None
         )
 
-    def forward(self, t, class_labels=None, guidance=None) -> torch.Tensor:  # -> (B, E)
-        emb = self.time(t)
+    def forward(self, t, class_labels=None, guidance=None, dt=None):  # -> (B, E), its tangent
+        # Labels and guidance scales are held fixed along the trajectory: only the time carries a tangent.
+        emb, demb = self.time(t, dt)
         if self.label is not None:
             emb = emb + self.label(self._labels_with_null(class_labels, t))
         elif class_labels is not None:
@@ -189,10 +211,10 @@ class Conditioning(nn.Module):
         if self.guidance is not None:
             if guidance is None:
                 raise ValueError("this network was built with guidance_input=True: pass guidance (B,)")
-            emb = emb + self.guidance(torch.as_tensor(guidance, dtype=t.dtype, device=t.device).expand(t.shape))
+            emb = emb + self.guidance(torch.as_tensor(guidance, dtype=t.dtype, device=t.device).expand(t.shape))[0]
         elif guidance is not None:
             raise ValueError("guidance given to a network built with guidance_input=False")
-        return nnF.silu(emb)
+        return T.silu(emb, demb)
 
     def _labels_with_null(self, class_labels, t):
         null = torch.full(t.shape, self.num_classes, dtype=torch.long, device=t.device)
@@ -202,3 +224,9 @@ class Conditioning(nn.Module):
             drop = torch.rand(t.shape, device=t.device) < self.label_dropout
             return torch.where(drop, null, class_labels)
         return class_labels
+
+
+def outputs(F, logvar=None, dF=None):
+    """A network's return value: F, then w_phi(t) when return_logvar, then F's tangent when a tangent was given."""
+    out = (F, *(v for v in (logvar, dF) if v is not None))
+    return out if len(out) > 1 else F

@@ -6,9 +6,9 @@ Shape legend: B batch, D data dimension, W hidden width, E conditioning-embeddin
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as nnF
 
-from scmlab.nets.layers import AdaptiveNorm, Conditioning, LogVarHead
+from scmlab import tangent as T
+from scmlab.nets.layers import AdaptiveNorm, Conditioning, LogVarHead, outputs
 
 # Size presets: constructor arguments by name. 'tiny' is for CI (~15k parameters at D = 2).
 MLP_PRESETS = {
@@ -30,14 +30,16 @@ class ResidualBlock(nn.Module):
         nn.init.zeros_(self.linear1.weight)
         nn.init.zeros_(self.linear1.bias)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # (B, W), (B, E) -> (B, W)
-        y = self.linear0(nnF.silu(self.norm(x, emb)))
-        y = nnF.dropout(nnF.silu(y), p=self.dropout, training=self.training)
-        return x + self.linear1(y)
+    def forward(self, x, emb, dx=None, demb=None):  # (B, W), (B, E) -> (B, W), and the tangent
+        y, dy = T.silu(*self.norm(x, emb, dx, demb))
+        y, dy = T.silu(*T.linear(self.linear0, y, dy))
+        y, dy = T.dropout(y, dy, self.dropout, self.training)
+        return T.linear_map(torch.add, (x, dx), T.linear(self.linear1, y, dy))
 
 
 class MLP(nn.Module):
-    """F_theta for vectors (B, D): x is already divided by sigma_d, t is TrigFlow time (B,)."""
+    """F_theta for vectors (B, D): x is already divided by sigma_d, t is TrigFlow time (B,); the call contract
+    (tangent included) is scmlab.nets's."""
 
     def __init__(
         self,
@@ -82,12 +84,12 @@ class MLP(nn.Module):
         nn.init.zeros_(self.linear_out.weight)
         nn.init.zeros_(self.linear_out.bias)
 
-    def forward(self, x, t, class_labels=None, guidance=None, return_logvar=False):
-        emb = self.cond(t, class_labels, guidance)  # (B, E)
-        h = self.linear_in(x)  # (B, W)
+    def forward(self, x, t, class_labels=None, guidance=None, return_logvar=False, tangent=None):
+        dx, dt = tangent if tangent is not None else (None, None)
+        emb, demb = self.cond(t, class_labels, guidance, dt)  # (B, E)
+        h, dh = T.linear(self.linear_in, x, dx)  # (B, W)
         for block in self.blocks:
-            h = block(h, emb)
-        F = self.linear_out(nnF.silu(self.norm_out(h)))  # (B, D)
-        if return_logvar:
-            return F, self.logvar(t)
-        return F
+            h, dh = block(h, emb, dh, demb)
+        h, dh = T.silu(*T.layer_norm(self.norm_out, h, dh))
+        F, dF = T.linear(self.linear_out, h, dh)  # (B, D)
+        return outputs(F, self.logvar(t) if return_logvar else None, dF)

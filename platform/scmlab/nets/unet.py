@@ -1,6 +1,7 @@
 """UNet for images in the DDPM++ / EDM2 layout, with the sCM paper's changes (Lu & Song 2024, sec. 4.1):
 positional time embedding of c_noise(t) = t, adaptive double normalization in every residual block, dropout,
-and the learned weighting head w_phi(t). Attention goes through ``scmlab.jvp.attention`` so torch.func.jvp passes.
+and the learned weighting head w_phi(t). Attention goes through ``scmlab.tangent.attention`` (a tangent for the
+fused sCM step; the explicit math form under torch.func.jvp).
 
 Shape legend: B batch, C channels, H x W resolution, E conditioning-embedding width, heads x d = C in attention,
 N = H * W tokens.
@@ -18,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as nnF
 
-from scmlab.jvp import attention
-from scmlab.nets.layers import AdaptiveNorm, Conditioning, LogVarHead, group_count
+from scmlab import tangent as T
+from scmlab.nets.layers import AdaptiveNorm, Conditioning, LogVarHead, group_count, outputs
 
 # Size presets: constructor arguments by name; ``dropout`` is the default when the model config leaves it None.
 #  ci, small: debug / CPU-demo sizes (8x8 or 28x28 inputs).
@@ -48,6 +49,10 @@ UNET_PRESETS = {
 SKIP_SCALE = math.sqrt(0.5)  # keeps the variance of (residual + branch) as DDPM++ does
 
 
+def _residual(x, y):
+    return (x + y) * SKIP_SCALE
+
+
 def _zero_init(layer: nn.Module) -> nn.Module:
     """Residual branches and the output start at zero, so each block starts as its skip path and F as 0."""
     nn.init.zeros_(layer.weight)
@@ -65,12 +70,16 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = _zero_init(nn.Conv2d(channels, channels, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, dx=None):
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)  # (B, 3, heads, d, N)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # (B, heads, N, d) each
-        y = attention(q, k, v).transpose(-1, -2).reshape(B, C, H, W)  # (B, heads, N, d) -> (B, C, H, W)
-        return (x + self.proj(y)) * SKIP_SCALE
+
+        def heads(qkv):  # (B, 3C, H, W) -> (B, 3, heads, d, N) -> q, k, v: (B, heads, N, d) each
+            return qkv.reshape(B, 3, self.num_heads, C // self.num_heads, H * W).transpose(-1, -2).unbind(1)
+
+        qkv, dqkv = T.linear_map(heads, T.conv2d(self.qkv, *T.group_norm(self.norm, x, dx)))
+        y, dy = T.attention(*qkv, *(dqkv or (None,) * 3))
+        y, dy = T.linear_map(lambda a: a.transpose(-1, -2).reshape(B, C, H, W), (y, dy))  # -> (B, C, H, W)
+        return T.linear_map(_residual, (x, dx), T.conv2d(self.proj, y, dy))
 
 
 class Block(nn.Module):
@@ -88,23 +97,25 @@ class Block(nn.Module):
         self.conv0 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm1 = AdaptiveNorm(out_channels, emb_channels, double_norm=double_norm)
         self.conv1 = _zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.attn = SelfAttention(out_channels, channels_per_head) if attention else None
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, emb, dx=None, demb=None):
         if self.resample == "down":
-            x = nnF.avg_pool2d(x, 2)
+            x, dx = T.linear_map(lambda a: nnF.avg_pool2d(a, 2), (x, dx))
         elif self.resample == "up":
-            x = nnF.interpolate(x, scale_factor=2.0, mode="nearest")
-        y = self.conv0(nnF.silu(self.norm0(x)))
-        y = nnF.silu(self.norm1(y, emb))
-        y = self.conv1(nnF.dropout(y, p=self.dropout, training=self.training))
-        x = (self.skip(x) + y) * SKIP_SCALE
-        return self.attn(x) if self.attn is not None else x
+            x, dx = T.linear_map(lambda a: nnF.interpolate(a, scale_factor=2.0, mode="nearest"), (x, dx))
+        y, dy = T.conv2d(self.conv0, *T.silu(*T.group_norm(self.norm0, x, dx)))
+        y, dy = T.silu(*self.norm1(y, emb, dy, demb))
+        y, dy = T.conv2d(self.conv1, *T.dropout(y, dy, self.dropout, self.training))
+        skip = T.conv2d(self.skip, x, dx) if self.skip is not None else (x, dx)
+        x, dx = T.linear_map(_residual, skip, (y, dy))
+        return self.attn(x, dx) if self.attn is not None else (x, dx)
 
 
 class UNet(nn.Module):
-    """F_theta for images (B, C, H, W): x is already divided by sigma_d, t is TrigFlow time (B,)."""
+    """F_theta for images (B, C, H, W): x is already divided by sigma_d, t is TrigFlow time (B,); the call
+    contract (tangent included) is scmlab.nets's."""
 
     def __init__(
         self,
@@ -190,18 +201,17 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(group_count(cout), cout)
         self.conv_out = _zero_init(nn.Conv2d(cout, img_channels, 3, padding=1))
 
-    def forward(self, x, t, class_labels=None, guidance=None, return_logvar=False):
-        emb = self.cond(t, class_labels, guidance)  # (B, E)
-        x = self.conv_in(x)
-        skips = [x]
+    def forward(self, x, t, class_labels=None, guidance=None, return_logvar=False, tangent=None):
+        dx, dt = tangent if tangent is not None else (None, None)
+        emb, demb = self.cond(t, class_labels, guidance, dt)  # (B, E)
+        x, dx = T.conv2d(self.conv_in, x, dx)
+        skips = [(x, dx)]
         for block in self.enc:
-            x = block(x, emb)
-            skips.append(x)
+            x, dx = block(x, emb, dx, demb)
+            skips.append((x, dx))
         for block, concat in zip(self.dec, self.dec_concat):
-            if concat:
-                x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
-            x = block(x, emb)
-        F = self.conv_out(nnF.silu(self.norm_out(x)))
-        if return_logvar:
-            return F, self.logvar(t)
-        return F
+            if concat:  # (B, C + C_skip, H, W)
+                x, dx = T.linear_map(lambda a, b: torch.cat([a, b], dim=1), (x, dx), skips.pop())
+            x, dx = block(x, emb, dx, demb)
+        F, dF = T.conv2d(self.conv_out, *T.silu(*T.group_norm(self.norm_out, x, dx)))
+        return outputs(F, self.logvar(t) if return_logvar else None, dF)

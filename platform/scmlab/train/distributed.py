@@ -7,8 +7,9 @@ endpoint settings), `CheckpointConfig(num_to_keep=train.keep_checkpoints)` and
 `FailureConfig(max_failures=train.max_failures)`. Each worker runs `scmlab.train.loop.train` with
 `RayCheckpoints`: rank 0 writes the checkpoint, every rank calls `ray.train.report` at the same steps (it is a
 barrier), and a restarted worker group resumes from `ray.train.get_checkpoint()` (also a driver restarted with the
-same storage and name). The sCM JVP runs on the module inside the DDP wrapper (scmlab.objectives), so forward-mode
-AD never meets DDP's hooks; theta^- is a stop-gradient, which makes that exact.
+same storage and name). The fused sCM step (objective.jvp=fused) is one call through the DDP wrapper, its tangent
+outside the graph; with a separate JVP pass (autograd, fd) the JVP runs on the module inside the wrapper
+(scmlab.objectives), so forward-mode AD never meets DDP's hooks; theta^- is a stop-gradient, which makes that exact.
 
 A run whose loss keeps diverging, or whose data or config the workers cannot use, is not retried (it would fail the
 same way again): the workers return the error (`NOT_RETRIED`), and `fit` raises it with the message of rank 0.

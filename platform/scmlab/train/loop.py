@@ -63,10 +63,12 @@ def build_objective(config: Config, teacher: torch.nn.Module | None):
                    teacher=teacher if o.kind == "scd" else None, guidance_scale=o.guidance_scale)
 
 
-def build_optimizer(config: Config, params) -> torch.optim.Optimizer:
+def build_optimizer(config: Config, params, device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
+    """Adam or RAdam, updating all tensors in multi-tensor (foreach) kernels; Adam on CUDA in its fused kernel."""
     o = config.optim
     cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[o.name]
-    return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    kernel = {"fused": True} if o.name == "adam" and device.type == "cuda" else {"foreach": True}
+    return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **kernel)
 
 
 def load_teacher(config: Config, manifest: dict) -> torch.nn.Module:
@@ -125,6 +127,8 @@ def train(config: Config, *, rank: int = 0, world_size: int = 1, wrap=None, prog
     cfg, run_dir = config.train, config.run.dir
     device = resolve_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the matmuls that autocast leaves in fp32
     if cfg.batch_size % world_size:
         raise ConfigError(f"train.batch_size: {cfg.batch_size} does not split evenly over {world_size} workers")
     local_batch = cfg.batch_size // world_size
@@ -143,7 +147,7 @@ def train(config: Config, *, rank: int = 0, world_size: int = 1, wrap=None, prog
             init_from_teacher(net, teacher, config.objective.teacher)
     ema = EMA(net, batch_size=cfg.batch_size, **({"half_life_images": cfg.ema_half_life} if cfg.ema == "halflife"
                                                   else {"sigma_rel": cfg.ema_sigma_rel}))
-    optimizer = build_optimizer(config, net.parameters())
+    optimizer = build_optimizer(config, net.parameters(), device)
     state = {"step": 0, "bad_steps": 0}
     if resumed:
         net.load_state_dict(resumed["model"])
@@ -180,7 +184,7 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
     objective = build_objective(config, teacher)
     loader = data.make_loader(config.data.train, batch_size=local_batch, seed=cfg.seed, rank=rank,
                               world_size=world_size, num_workers=config.data.num_workers, start_step=state["step"],
-                              on_error=config.data.on_error)
+                              on_error=config.data.on_error, pin_memory=device.type == "cuda")
     guidance = None
     if config.model.guidance_input:
         guidance = torch.full((local_batch,), config.objective.guidance_scale, device=device)
@@ -193,7 +197,7 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
 
     summary = {"step": state["step"], "checkpoint": store.last(), "metrics": {}, "samples": None,
                "mlflow_run_id": run.run_id}
-    window = _Window()
+    window = _Window(device)
     consecutive_bad = 0
     data_error = None
     net.train()
@@ -230,21 +234,27 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), config.optim.grad_clip or math.inf)
         # Gradients (hence their norm) are all-reduced under DDP, the loss is not: agree on the decision, so that
-        # every rank skips the same steps and stops at the same step. -1: a rank could not read its data.
-        good = torch.tensor(-1.0 if data_error else float(torch.isfinite(grad_norm) and torch.isfinite(loss)),
-                            device=device)
+        # every rank skips the same steps and stops at the same step (-1: a rank could not read its data). The flag
+        # is formed on the device and read once: the step's only wait for the device (the metrics stay there until a
+        # log step). Skipping needs the read: zeroing a bad step's update on the device would still move Adam's
+        # moments and step count.
+        if data_error is not None:
+            good = torch.full((), -1.0, device=device)
+        else:
+            good = (torch.isfinite(grad_norm) & torch.isfinite(loss)).float()
         if distributed:
             torch.distributed.all_reduce(good, op=torch.distributed.ReduceOp.MIN)
-            if good.item() < 0:
-                raise data.DataError(_shared_message(data_error, rank, world_size))
-        if good.item():
+        flag = good.item()
+        if flag < 0:
+            raise data.DataError(_shared_message(data_error, rank, world_size, device))
+        if flag:
             lr = config.optim.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
             ema.update(net, step)
             consecutive_bad = 0
-            window.add(per_sample.detach(), t, stats, float(grad_norm), lr)
+            window.add(per_sample.detach(), t, stats, grad_norm, lr)
         else:
             consecutive_bad += 1
             state["bad_steps"] += 1
@@ -265,7 +275,7 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
             if distributed:
                 torch.distributed.all_reduce(skipped)  # summed over the ranks' loaders
             metrics = window.metrics(config, state, time.perf_counter() - t_start, int(skipped.item()))
-            window = _Window()
+            window = _Window(device)
             summary["metrics"] = metrics
             if rank == 0:
                 log.info("step %d %s", state["step"], " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
@@ -308,9 +318,9 @@ def _refuse_nonfinite(net, ema, optimizer, step: int, store, device, distributed
             f"or train.precision=fp32.")
 
 
-def _shared_message(error: Exception | None, rank: int, world_size: int) -> str:
+def _shared_message(error: Exception | None, rank: int, world_size: int, device: torch.device) -> str:
     """Every rank gets the message of the lowest rank that failed (a collective: all ranks call it)."""
-    failed = torch.tensor(rank if error is not None else world_size)
+    failed = torch.tensor(rank if error is not None else world_size, device=device)
     torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MIN)
     message = [f"rank {rank}: {error}" if error is not None else None]
     torch.distributed.broadcast_object_list(message, src=int(failed))
@@ -337,24 +347,24 @@ def write_grid(config: Config, net: torch.nn.Module, manifest: dict, step: int, 
 
 
 class _Window:
-    """Running sums of the metrics between two log lines."""
+    """Running sums of the metrics between two log lines, kept on the device until `metrics` reads them."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         self.n = 0
-        self.sums: dict[str, float] = {}
-        self.bin_sum = torch.zeros(T_BINS, dtype=torch.float64)
-        self.bin_count = torch.zeros(T_BINS, dtype=torch.float64)
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.bin_sum = torch.zeros(T_BINS, dtype=torch.float64, device=device)
+        self.bin_count = torch.zeros(T_BINS, dtype=torch.float64, device=device)
         self.step_s = self.data_s = 0.0
         self.steps_timed = 0
         self.lr = float("nan")
 
-    def add(self, per_sample: torch.Tensor, t: torch.Tensor, stats: dict, grad_norm: float, lr: float):
+    def add(self, per_sample: torch.Tensor, t: torch.Tensor, stats: dict, grad_norm: torch.Tensor, lr: float):
         self.n += 1
         values = {"loss/mean": per_sample.float().mean(), "optim/grad_norm": grad_norm, **stats}
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-        bins = (t.float() / (math.pi / 2) * T_BINS).long().clamp(0, T_BINS - 1).cpu()
-        self.bin_sum.index_add_(0, bins, per_sample.detach().double().cpu())
+            self.sums[k] = self.sums.get(k, 0.0) + (v.detach().double() if isinstance(v, torch.Tensor) else v)
+        bins = (t.float() / (math.pi / 2) * T_BINS).long().clamp(0, T_BINS - 1)
+        self.bin_sum.index_add_(0, bins, per_sample.detach().double())
         self.bin_count.index_add_(0, bins, torch.ones_like(bins, dtype=torch.float64))
         self.lr = lr
 
@@ -364,10 +374,11 @@ class _Window:
         self.data_s += data_s
 
     def metrics(self, config: Config, state: dict, elapsed: float, skipped_samples: int) -> dict:
-        m = {k: v / self.n for k, v in self.sums.items()} if self.n else {}
+        m = {k: float(v) / self.n for k, v in self.sums.items()} if self.n else {}
+        bin_sum, bin_count = self.bin_sum.cpu(), self.bin_count.cpu()
         for i in range(T_BINS):
-            if self.bin_count[i] > 0:
-                m[f"loss/bin{i}"] = float(self.bin_sum[i] / self.bin_count[i])
+            if bin_count[i] > 0:
+                m[f"loss/bin{i}"] = float(bin_sum[i] / bin_count[i])
         per_step = self.step_s / max(self.steps_timed, 1)
         m.update({
             "optim/lr": self.lr,

@@ -9,14 +9,18 @@ Training FLOPs per sample, in forwards F of the trained network (DESIGN.md secti
     diffusion   F + 2F                          forward + backward (grads of activations and of weights)
     sCT         JVP + F + 2F                    the tangent's JVP of F_theta^-, then forward + backward
     sCD         sCT + teacher forward(s)        1 teacher forward, 2 with classifier-free guidance
-JVP = 2F with ``jvp='autograd'``: the primal plus the tangent, the least forward-mode AD can do (a linear map's
-tangent is the same product applied to the input tangent; attention's two bilinear products have two-term tangents,
-an extra below 1.5% of F for every preset, not counted). That is DESIGN.md section 3's ideal of 1.67x a diffusion
-step for a separate JVP pass (5F / 3F). ``jvp='fd'`` (central differences) is 3F.
+JVP = F with ``jvp='fused'``: the tangent alone, carried through the training forward (a linear map's tangent is the
+same product applied to the input tangent): DESIGN.md section 3's ideal of 1.33x a diffusion step (4F / 3F).
+JVP = 2F with ``jvp='autograd'``: the primal plus the tangent, the least a separate forward-mode pass can do, 1.67x
+(5F / 3F). ``jvp='fd'`` (central differences) is 3F. Not counted: attention's two bilinear products have two-term
+tangents, and the fused tangent also recomputes q k^T for its softmax (5 products where the primal takes 2), an extra
+of 1-1.5x the attention products: below 2.5% of F for the UNet presets, 5-22% for the DiT presets, where attention
+is a larger share.
 
-PyTorch executes more than the ideal: its tangent rule for every Linear / Conv also multiplies the input by a dense
-zero tangent of the weights, so ``torch.func.jvp`` runs 3F of matmul FLOPs and an sCT step 6F (2x diffusion, not
-1.67x; tests/test_flops.py counts it), part of the wall-clock gap that DESIGN.md section 3 measures. The scaling
+With ``jvp='autograd'`` PyTorch executes more than that: its tangent rule for every Linear / Conv also multiplies the
+input by a dense zero tangent of the weights, so ``torch.func.jvp`` runs 3F of matmul FLOPs and an sCT step 6F (2x
+diffusion, not 1.67x; tests/test_flops.py counts it), part of the wall-clock gap that DESIGN.md section 3 measures.
+The fused step executes what it is counted (scmlab.tangent multiplies by the weights only). The scaling
 axis uses the algorithmic count, which does not move with the PyTorch version.
 """
 
@@ -27,20 +31,24 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import ModelConfig
 from ..nets import PRESETS, build_net, count_params
+from ..nets.dit import MLP_RATIO, TIME_FEATURES
 
 BACKWARD_FORWARDS = 2
 """A backward pass costs two forwards: the gradient with respect to the activations and to the weights."""
-JVP_FORWARDS = {"autograd": 2, "fd": 3}
-"""Forward-equivalents of the tangent evaluation: primal + tangent (forward-mode AD) or three points (finite
-differences)."""
+JVP_FORWARDS = {"fused": 1, "autograd": 2, "fd": 3}
+"""Forward-equivalents of the tangent evaluation: the tangent alone (fused), primal + tangent (forward-mode AD) or
+three points (finite differences)."""
 OBJECTIVES = ("diffusion", "sct", "scd")
 
 # The dataset each preset is sized for: (data_shape, num_classes). MLPs: 2-D toys; 'ci': 8x8 digits; 'small':
-# Fashion-MNIST; 'cifar10': CIFAR-10; S..XL: ImageNet 64x64; XXL: ImageNet 512x512 as 4x64x64 latents.
+# Fashion-MNIST; 'cifar10': CIFAR-10; UNet S..XL: ImageNet 64x64; XXL: ImageNet 512x512 as 4x64x64 latents; DiT
+# S..XL: ImageNet 256x256 as 4x32x32 latents (the DiT paper's).
 NATIVE_DATA = {
     "mlp": {size: ((2,), 0) for size in PRESETS["mlp"]},
     "unet": {"ci": ((1, 8, 8), 10), "small": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10),
              **{size: ((3, 64, 64), 1000) for size in ("S", "M", "L", "XL")}, "XXL": ((4, 64, 64), 1000)},
+    "dit": {"ci": ((1, 8, 8), 10), "small": ((1, 28, 28), 10),
+            **{size: ((4, 32, 32), 1000) for size in ("S", "B", "L", "XL")}},
 }
 
 
@@ -77,8 +85,9 @@ def forward_flops(model_cfg, data_shape: tuple[int, ...], num_classes: int = 0) 
 
 def analytic_forward_flops(model_cfg, data_shape: tuple[int, ...]) -> int:
     """The same count from the preset's hyperparameters alone: sum of 2 x MACs over the layers of the layout that
-    nets/mlp.py and nets/unet.py document. A check on the counter (and on the layout's documentation)."""
-    arch = {"mlp": _mlp_flops, "unet": _unet_flops}[model_cfg.arch]
+    nets/mlp.py, nets/unet.py and nets/dit.py document. A check on the counter (and on the layout's
+    documentation)."""
+    arch = {"mlp": _mlp_flops, "unet": _unet_flops, "dit": _dit_flops}[model_cfg.arch]
     return arch(PRESETS[model_cfg.arch][model_cfg.size], tuple(data_shape), model_cfg.guidance_input)
 
 
@@ -141,7 +150,19 @@ def _unet_flops(p: dict, data_shape, guidance_input: bool) -> int:
     return flops + conv(cout, img, 3, 0)
 
 
-def forwards_per_sample(objective_kind: str, *, jvp: str = "autograd", cfg_guidance: bool = False) -> tuple[int, int]:
+def _dit_flops(p: dict, data_shape, guidance_input: bool) -> int:
+    img, height, width = data_shape
+    C, patch = p["hidden"], p["patch_size"]
+    n = (height // patch) * (width // patch)  # tokens
+    block = (2 * _linear(C, 2 * C)  # two adaptive norms' scale/shift
+             + _linear(C, 3 * C, tokens=n) + 2 * _linear(n, n, tokens=C) + _linear(C, C, tokens=n)  # attention
+             + 2 * _linear(C, MLP_RATIO * C, tokens=n))  # MLP
+    return (_conditioning(TIME_FEATURES, C, guidance_input, p.get("logvar_channels", 128))
+            + _linear(img * patch * patch, C, tokens=n) + p["depth"] * block
+            + _linear(C, 2 * C) + _linear(C, patch * patch * img, tokens=n))
+
+
+def forwards_per_sample(objective_kind: str, *, jvp: str = "fused", cfg_guidance: bool = False) -> tuple[int, int]:
     """The accounting of the module docstring: (forwards of the trained network, forwards of the teacher) that one
     training sample costs. diffusion (3, 0); sCT (3 + JVP, 0); sCD (3 + JVP, 1, or 2 with guidance)."""
     if objective_kind not in OBJECTIVES:
@@ -154,7 +175,7 @@ def forwards_per_sample(objective_kind: str, *, jvp: str = "autograd", cfg_guida
 
 
 def train_flops_per_sample(model_cfg, objective_kind: str, data_shape: tuple[int, ...], num_classes: int = 0,
-                           cfg_guidance: bool = False, *, jvp: str = "autograd", teacher_cfg=None) -> int:
+                           cfg_guidance: bool = False, *, jvp: str = "fused", teacher_cfg=None) -> int:
     """Training FLOPs per sample of one step: forwards_per_sample x forward_flops. ``teacher_cfg`` (sCD) defaults
     to the student's architecture (the paper's sCD students start from their teacher's weights)."""
     student, teacher = forwards_per_sample(objective_kind, jvp=jvp, cfg_guidance=cfg_guidance)
@@ -164,7 +185,7 @@ def train_flops_per_sample(model_cfg, objective_kind: str, data_shape: tuple[int
 
 
 def trial_flops(model_cfg, objective_kind: str, data_shape: tuple[int, ...], num_classes: int = 0,
-                cfg_guidance: bool = False, *, steps: int, batch_size: int, jvp: str = "autograd",
+                cfg_guidance: bool = False, *, steps: int, batch_size: int, jvp: str = "fused",
                 teacher_cfg=None) -> int:
     """Total training FLOPs of a run: per-sample FLOPs x steps x global batch size."""
     per_sample = train_flops_per_sample(model_cfg, objective_kind, data_shape, num_classes, cfg_guidance,
