@@ -2,16 +2,23 @@
 a sweep driver SIGKILLed mid-trial, a job submitted from another directory with relative paths. Each run either
 completes or stops with one clear message, and nothing already written is lost."""
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
+import psutil
 import pytest
+import yaml
+from conftest import ray_workers
 from mlflow import MlflowClient
 
 from scmlab import services
 from scmlab.train.driver import run
+from scmlab.tune.scaling import read_results
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -88,3 +95,75 @@ def test_mlflow_outage_neither_stalls_training_nor_fails_the_run(ray_cluster, to
         assert "the EMA model was not logged" in caplog.text
     finally:
         services.services_down(home)
+
+
+def registered(train_run, step: int) -> bool:
+    """Ray's controller has registered the checkpoint of `step` in the Train run directory `train_run` (written,
+    then recorded in its snapshot): a restart resumes from it or a later one."""
+    try:
+        snapshot = json.loads((train_run / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(c["checkpoint_dir_name"] == f"step-{step:09d}" for c in snapshot["checkpoint_results"])
+
+
+def test_killed_sweep_driver_reruns_only_the_cut_and_crashed_trials(ray_cluster, local_services, toy_shards,
+                                                                    tmp_path):
+    """One trial at a time: a diverging one (failed), one whose only worker is SIGKILLed with train.max_failures=0
+    (crashed), one cut by SIGKILLing the sweep driver after its second checkpoint. The same command again reruns
+    the crashed and the cut trials from their last checkpoints, in their MLflow child runs, and not the failed one."""
+    uri = local_services["env"]["MLFLOW_TRACKING_URI"]
+    steps, every, log_every = 400, 50, 10
+    run_dir = tmp_path / "sweep"
+    config = {"data": {"train": toy_shards}, "model": {"arch": "mlp", "size": "tiny"},
+              "objective": {"kind": "diffusion"}, "optim": {"lr": 1e-3},
+              "train": {"steps": steps, "batch_size": 16, "log_every": log_every, "checkpoint_every": every,
+                        "device": "cpu", "workers": 1, "max_bad_steps": 2, "max_failures": 0, "ema_half_life": 100},
+              "tracking": {"uri": uri, "experiment": "killed-sweep", "system_metrics": False},
+              "run": {"dir": str(run_dir)},
+              "sweep": {"sizes": ["tiny"], "lrs": [1e6, 2e-3, 1e-3], "max_concurrent_trials": 1}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(config))
+    failed, crashed, cut = "tiny-lr1e+06-seed0", "tiny-lr0.002-seed0", "tiny-lr0.001-seed0"
+    command = [sys.executable, "-m", "scmlab.cli", "sweep", "--config", str(tmp_path / "s.yaml")]
+    env = {**os.environ, **local_services["env"], "RAY_ADDRESS": ray_cluster["address"]}
+
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    kills, deadline = [], time.monotonic() + 300
+    while driver.poll() is None and len(kills) < 2 and time.monotonic() < deadline:
+        if not kills and registered(run_dir / "trials" / crashed, every):
+            kills += [w.pid for w in ray_workers(ray_cluster)]
+            assert len(kills) == 1, kills  # the crashed trial's only worker
+            psutil.Process(kills[0]).kill()
+        elif kills and registered(run_dir / "trials" / cut, 2 * every):
+            driver.kill()
+            kills.append(driver.pid)
+        time.sleep(0.05)
+    out = driver.communicate(timeout=60)[0].decode(errors="replace")
+    assert len(kills) == 2, "the driver ended before both kills:\n" + out[-3000:]
+    rows = {r.trial: r for r in read_results(str(run_dir / "results.csv"))}
+    assert sorted(rows) == [crashed, failed], out[-3000:]  # the cut trial: not recorded
+    assert rows[failed].status == "failed" and "non-finite" in rows[failed].reason
+    assert rows[crashed].status == "crashed" and rows[crashed].reason
+    assert not os.path.exists(run_dir / "results.csv.tmp")
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("killed-sweep").experiment_id
+    children = {r.info.run_name: r.info.run_id for r in client.search_runs(
+        [experiment], filter_string="tags.`mlflow.parentRunId` != ''")}
+    history = {name: client.get_metric_history(run_id, "train/step") for name, run_id in children.items()}
+    assert {m.step for m in history[crashed]} and max(m.step for m in history[crashed]) < steps
+
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {r.trial: r for r in read_results(str(run_dir / "results.csv"))}
+    assert {name: r.status for name, r in rows.items()} == {failed: "failed", crashed: "ok", cut: "ok"}
+    assert len(client.search_runs([experiment], filter_string="tags.`mlflow.parentRunId` != ''")) == 3
+    assert client.get_metric_history(children[failed], "train/step") == history[failed]  # not rerun
+    for name in (crashed, cut):
+        info = client.get_run(children[name])
+        assert info.info.status == "FINISHED"
+        resumed = client.get_metric_history(children[name], "train/resumed_from")
+        assert len(resumed) == 1 and resumed[0].value >= every and resumed[0].value % every == 0, name
+        logged = sorted({m.step for m in client.get_metric_history(children[name], "train/step")})
+        assert logged == list(range(log_every, steps + 1, log_every)), name  # one continuous step axis
+    assert client.get_metric_history(children[cut], "train/resumed_from")[0].value >= 2 * every
