@@ -2,21 +2,25 @@
 a sweep driver SIGKILLed mid-trial, a job submitted from another directory with relative paths. Each run either
 completes or stops with one clear message, and nothing already written is lost."""
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 import psutil
 import pytest
 import yaml
-from conftest import ray_workers
+from conftest import RAY_SECRET, _free_port, _kill_group, client_env, ray_workers
 from mlflow import MlflowClient
 
 from scmlab import services
+from scmlab.train import checkpoint, distributed
 from scmlab.train.driver import run
 from scmlab.tune.scaling import read_results
 
@@ -167,3 +171,90 @@ def test_killed_sweep_driver_reruns_only_the_cut_and_crashed_trials(ray_cluster,
         logged = sorted({m.step for m in client.get_metric_history(children[name], "train/step")})
         assert logged == list(range(log_every, steps + 1, log_every)), name  # one continuous step axis
     assert client.get_metric_history(children[cut], "train/resumed_from")[0].value >= 2 * every
+
+
+@contextlib.contextmanager
+def ray_node(ray_cluster, local_services, num_cpus: int):
+    """A second node of the session's Ray on this machine (`ray start --address`, as on the cluster's other
+    machines: through `scmlab services run`, free ports, a temp dir of its own), stopped (its process group) after.
+    Yields {"temp_dir", "raylet": psutil.Process}."""
+    temp_dir = tempfile.mkdtemp(prefix="scmlab-node-", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
+    ports = {name: _free_port() for name in ("node-manager-port", "object-manager-port", "metrics-export-port",
+                                             "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                             "runtime-env-agent-port")}
+    env = {**os.environ, RAY_SECRET[0]: RAY_SECRET[1], "RAY_USAGE_STATS_ENABLED": "0",
+           "HOME": str(ray_cluster["home"])}
+    node = subprocess.Popen(["scmlab", "services", "run", "--home", str(local_services["home"]), "--", "ray", "start",
+                             f"--address={ray_cluster['address']}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
+                             *(f"--{name}={value}" for name, value in ports.items())],
+                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = node.communicate(timeout=180)[0].decode(errors="replace")
+    try:
+        assert node.returncode == 0, out
+        raylet = next(p for p in psutil.process_iter(["name", "cmdline"])
+                      if p.info["name"] == "raylet" and any(temp_dir in a for a in p.info["cmdline"] or []))
+        yield {"temp_dir": temp_dir, "raylet": raylet}
+    finally:
+        _kill_group(node.pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_node_lost_mid_run_completes_from_the_last_checkpoint(ray_cluster, local_services, toy_shards, make_config,
+                                                             tmp_path):
+    """Two workers of 1.5 CPUs: one on the session's head (2 CPUs), one on a second node. The second node's raylet
+    is SIGKILLed after the second checkpoint was registered in the S3 run storage; a replacement node joins (as an
+    autoscaler would bring one), and the run completes from the last registered checkpoint in its one MLflow run."""
+    steps, every, log_every = 200, 20, 5
+    run_name = f"node-lost-{os.getpid()}"
+    config = make_config(toy_shards, tmp_path / "run",
+                         train={"steps": steps, "batch_size": 16, "workers": 2, "cpus_per_worker": 1.5,
+                                "log_every": log_every, "checkpoint_every": every, "max_failures": 2},
+                         run={"storage": "s3://scmlab/tests/ray", "name": run_name},
+                         tracking={"kind": "mlflow", "uri": local_services["mlflow"]["tracking_uri"],
+                                   "experiment": "node-lost", "system_metrics": False})
+    killed, result = {}, {}
+    with client_env(local_services), ray_node(ray_cluster, local_services, num_cpus=2) as node:
+        storage, filesystem, _ = distributed.location(config)
+
+        def registered_steps() -> set:
+            try:
+                with filesystem.open_input_stream(f"{storage}/{run_name}/checkpoint_manager_snapshot.json") as f:
+                    snapshot = json.loads(f.read())
+            except (OSError, ValueError):
+                return set()
+            return {int(c["checkpoint_dir_name"].removeprefix("step-")) for c in snapshot["checkpoint_results"]}
+
+        def train():
+            result["summary"] = run(config)
+
+        trainer = threading.Thread(target=train, daemon=True)
+        trainer.start()
+        deadline = time.monotonic() + 300
+        while trainer.is_alive() and time.monotonic() < deadline and not killed:
+            done = registered_steps()
+            if 2 * every in done:
+                on_node = [p for p in node["raylet"].children(recursive=True)
+                           if "RayTrainWorker" in " ".join(p.cmdline()) + p.name()]
+                assert len(on_node) == 1 and len(ray_workers(ray_cluster)) == 1  # one worker on each node
+                node["raylet"].kill()  # SIGKILL: the node is lost with its worker
+                killed.update(registered=max(done), worker=on_node[0])
+            time.sleep(0.05)
+        assert killed, "the run ended (or stalled) before the node was lost"
+        killed["worker"].wait(timeout=60)  # the node's worker died with it
+        with ray_node(ray_cluster, local_services, num_cpus=2):  # the replacement
+            trainer.join(timeout=400)
+    assert not trainer.is_alive(), "the run did not complete after the node was replaced"
+
+    summary = result["summary"]
+    final = checkpoint.load(summary["checkpoint"])
+    assert summary["step"] == final["step"] == steps
+    assert all(s["step"] == steps for s in final["optimizer"]["state"].values())  # every step applied once
+    assert summary["ray_checkpoint"] == f"s3://scmlab/tests/ray/{run_name}/step-{steps:09d}"
+    client = MlflowClient(config.tracking.uri)
+    runs = client.search_runs([client.get_experiment_by_name("node-lost").experiment_id])
+    assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]
+    assert runs[0].info.status == "FINISHED"
+    resumed = client.get_metric_history(summary["mlflow_run_id"], "train/resumed_from")
+    assert len(resumed) == 1 and resumed[0].value >= killed["registered"]
+    logged = sorted({m.step for m in client.get_metric_history(summary["mlflow_run_id"], "train/step")})
+    assert logged == list(range(log_every, steps + 1, log_every))
