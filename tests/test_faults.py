@@ -258,3 +258,41 @@ def test_node_lost_mid_run_completes_from_the_last_checkpoint(ray_cluster, local
     assert len(resumed) == 1 and resumed[0].value >= killed["registered"]
     logged = sorted({m.step for m in client.get_metric_history(summary["mlflow_run_id"], "train/step")})
     assert logged == list(range(log_every, steps + 1, log_every))
+
+
+def test_job_submitted_from_a_project_directory_with_relative_paths(ray_cluster, local_services, toy_shards,
+                                                                   tmp_path):
+    """`ray job submit --working-dir .` from a project of the user's (config and shards in it, relative paths): the
+    job's relative inputs are the submitted files (Ray's unpacked copy on the head), a relative run.dir is refused
+    before anything is written (that copy is Ray's to delete), and the run with an absolute run.dir finishes."""
+    project = tmp_path / "project"
+    shutil.copytree(toy_shards, project / "shards" / "toy")
+    (project / "configs").mkdir()
+    (project / "configs" / "toy.yaml").write_text(yaml.safe_dump({
+        "data": {"train": "shards/toy"}, "model": {"arch": "mlp", "size": "tiny"}, "objective": {"kind": "sct"},
+        "train": {"steps": 6, "batch_size": 16, "workers": 1, "log_every": 3, "checkpoint_every": 3,
+                  "device": "cpu"},
+        "tracking": {"experiment": "relative-job", "system_metrics": False}, "run": {"dir": "runs/toy"}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_AUTH"))}
+    env.update(services.ray_auth_env(local_services["home"]), HOME=str(ray_cluster["home"]))
+
+    def submit(*overrides):
+        return subprocess.run(["ray", "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", ".",
+                               "--", "python", "-m", "scmlab.cli", "train", "--config", "configs/toy.yaml",
+                               *overrides], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+
+    refused = submit()
+    assert refused.returncode != 0 and "failed" in refused.stdout, refused.stdout[-3000:]
+    assert "run.dir: 'runs/toy' is relative, and this Ray job runs in Ray's unpacked copy of --working-dir" \
+        in refused.stdout, refused.stdout[-3000:]
+    assert not (project / "runs").exists()
+
+    summary_path = tmp_path / "summary.json"
+    result = submit(f"run.dir={tmp_path / 'runs' / 'toy'}", "--summary-json", str(summary_path))
+    assert result.returncode == 0 and "succeeded" in result.stdout, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["step"] == 6 and checkpoint.load(summary["checkpoint"])["step"] == 6
+    assert summary["checkpoint"].startswith(str(tmp_path / "runs" / "toy"))
+    params = MlflowClient(local_services["mlflow"]["tracking_uri"]).get_run(summary["mlflow_run_id"]).data.params
+    train = params["data.train"]  # the submitted shards, in Ray's copy of the project
+    assert "_ray_pkg_" in train and train.endswith("/shards/toy") and os.path.isabs(train), train

@@ -10,6 +10,7 @@ Importable with torch alone: `yaml` is imported only by the functions that read 
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -302,6 +303,16 @@ def net_config(model: ModelConfig, sigma_d: float) -> types.SimpleNamespace:
 # Config values that name local files or directories (or URLs): resolved by Config.with_absolute_paths.
 PATH_FIELDS = ("data.train", "objective.teacher", "run.dir", "run.storage")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# Set by Ray's job supervisor in a submitted job's driver: {"runtime_env": {"working_dir": ...}, ...}.
+_RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+def _job_working_dir() -> str:
+    """The --working-dir URI of the Ray job whose driver this process is ("" outside a submitted job)."""
+    try:
+        return (json.loads(os.environ.get(_RAY_JOB_ENV) or "{}").get("runtime_env") or {}).get("working_dir") or ""
+    except ValueError:
+        return ""
+
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "objective": ObjectiveConfig, "optim": OptimConfig,
             "train": TrainConfig, "tracking": TrackingConfig, "run": RunConfig}
@@ -329,8 +340,20 @@ class Config:
         """This config with every local path (PATH_FIELDS, and a sqlite:/// tracking store) made absolute against the
         current working directory; URLs (s3://...) are kept. Drivers call it before any worker or trial starts: Ray
         Train and Tune run each worker and trial in a directory of their own, where a relative path means something
-        else."""
+        else. In the driver of a job submitted with `ray job submit --working-dir` that directory is Ray's unpacked
+        copy of the submitted one: relative inputs (data.train, objective.teacher) are the submitted files there, but
+        a relative output (run.dir, run.storage, a sqlite:/// tracking.uri) is refused (ConfigError naming the
+        field): Ray may delete that copy once the job ends."""
         d = self.to_dict()
+        if working_dir := _job_working_dir():
+            sqlite = d["tracking"]["uri"].startswith("sqlite:///")
+            outputs = {"run.dir": d["run"]["dir"], "run.storage": d["run"]["storage"],
+                       "tracking.uri": d["tracking"]["uri"].removeprefix("sqlite:///") if sqlite else ""}
+            for dotted, value in outputs.items():
+                _check(not value or _URL.match(value) or os.path.isabs(value),
+                       f"{dotted}: {value!r} is relative, and this Ray job runs in Ray's unpacked copy of "
+                       f"--working-dir ({working_dir} = {os.getcwd()}), which Ray may delete once the job ends: give "
+                       f"an absolute path on the head node or an s3:// URL")
         for dotted in PATH_FIELDS:
             section, key = dotted.split(".")
             value = d[section][key]
