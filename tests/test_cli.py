@@ -20,6 +20,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "platform")}
 
 
+def _overrides(config) -> list[str]:
+    """`scmlab train` arguments that give `config`."""
+    return [f"{s}.{k}={json.dumps(v)}" for s, d in config.to_dict().items() for k, v in d.items()]
+
+
 def test_prepare_train_sample_images(tmp_path):
     shards, run = str(tmp_path / "shards"), str(tmp_path / "run")
     assert main(["prepare", "digits", "--out", shards, "--shard-size", "32", "--limit", "64"]) == 0
@@ -46,8 +51,7 @@ def test_prepare_train_sample_images(tmp_path):
 
 def test_sample_vectors_in_original_units_from_given_noise(toy_shards, make_config, tmp_path):
     config = make_config(toy_shards, tmp_path / "run", train={"steps": 2})
-    assert main(["train", *(f"{s}.{k}={json.dumps(v)}" for s, d in config.to_dict().items() for k, v in d.items())
-                 ]) == 0
+    assert main(["train", *_overrides(config)]) == 0
     noise = np.random.default_rng(0).standard_normal((5, 2)).astype(np.float32)
     np.save(tmp_path / "noise.npy", noise)
     out = str(tmp_path / "v.npz")
@@ -63,6 +67,29 @@ def test_sample_vectors_in_original_units_from_given_noise(toy_shards, make_conf
     expected = model_space.double().numpy() / 0.5 * np.array(stats["std"]) + np.array(stats["mean"])
     np.testing.assert_allclose(z["samples"], expected, rtol=1e-5, atol=1e-5)
     assert not np.allclose(z["samples"], model_space.numpy(), atol=1e-2)  # denormalized, not model space
+
+
+def test_sample_with_guidance(digit_shards, make_config, tmp_path):
+    """--guidance: CFG scale of a class-conditional teacher, guidance input of an sCD student trained with scales
+    drawn per sample (objective.guidance_max); refused by a model that takes none."""
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    assert main(["train", *_overrides(make_config(digit_shards, teacher, objective={"kind": "diffusion"}))]) == 0
+    assert main(["train", *_overrides(make_config(
+        digit_shards, student, model={"guidance_input": True},
+        objective={"kind": "scd", "teacher": str(teacher), "guidance_max": 2.0}))]) == 0
+
+    def sample(run, *args):
+        out = str(tmp_path / "g.npz")
+        assert main(["sample", "--checkpoint", str(run), "--n", "4", "--steps", "2", *args, "--out", out]) == 0
+        return np.load(out)["samples"]
+
+    for run in (teacher, student):
+        unguided = sample(run)
+        np.testing.assert_array_equal(sample(run, "--guidance", "1"), unguided)  # the default: 1
+        assert not np.allclose(sample(run, "--guidance", "2"), unguided)
+    assert main(["train", *_overrides(make_config(digit_shards, tmp_path / "sct"))]) == 0
+    with pytest.raises(SystemExit, match="--guidance: guidance 2.0: only a class-conditional diffusion model"):
+        sample(tmp_path / "sct", "--guidance", "2")
 
 
 def test_dry_run_prints_the_resolved_config(capsys):

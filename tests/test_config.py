@@ -1,4 +1,5 @@
-"""The config: validation messages name the field, overrides parse as YAML, presets and README stay in sync."""
+"""The config: validation messages name the field, overrides parse as YAML, per-size tables resolve, presets and
+README stay in sync (the paper's values in the presets: test_presets.py)."""
 
 import dataclasses
 import glob
@@ -36,6 +37,11 @@ def load(*overrides):
     ("train.ema_half_life=-.inf", "train.ema_half_life: expected a finite number, got -inf"),
     ("optim.betas=[0.9,.nan]", "optim.betas[1]: expected a finite number, got nan"),
     ("optim.grad_clip=inf", "optim.grad_clip: expected a finite number, got 'inf'"),
+    ("optim.eps=0", "optim.eps: must be > 0"),
+    ("objective.guidance_max=0.5", "objective.guidance_max: must be >= 1"),
+    ("model.dropout_max_res=0", "model.dropout_max_res: must be >= 1 or null"),
+    ("model.dropout_max_res=16", "model.dropout_max_res: only the UNet has resolutions"),
+    ("train.sample_guidance=-1", "train.sample_guidance: must be >= 0"),
 ])
 def test_bad_value_names_the_field(override, message):
     with pytest.raises(ConfigError) as e:
@@ -69,6 +75,18 @@ def test_cross_field_checks():
         load("objective.guidance_scale=2")
     with pytest.raises(ConfigError, match="model.guidance_input"):
         load("model.guidance_input=true")
+    scd = ("objective.kind=scd", "objective.teacher=runs/t")
+    with pytest.raises(ConfigError, match="objective.guidance_max applies to sCD only"):
+        load("objective.guidance_max=2")
+    with pytest.raises(ConfigError, match="objective.guidance_max: .* set model.guidance_input=true"):
+        load(*scd, "objective.guidance_max=2")
+    with pytest.raises(ConfigError, match="objective.guidance_scale must stay 1"):
+        load(*scd, "model.guidance_input=true", "objective.guidance_max=2", "objective.guidance_scale=1.5")
+    with pytest.raises(ConfigError, match="train.sample_guidance: only a diffusion model"):
+        load("train.sample_guidance=1.2")
+    guided = load(*scd, "model.guidance_input=true", "objective.guidance_max=2", "train.sample_guidance=1.2")
+    assert (guided.objective.guidance_max, guided.train.sample_guidance) == (2.0, 1.2)
+    assert load("objective.kind=diffusion", "train.sample_guidance=1.4").train.sample_guidance == 1.4
 
 
 def test_overrides_parse_as_yaml_scalars():
@@ -94,6 +112,36 @@ def test_file_then_overrides_and_round_trip(tmp_path):
     assert Config.from_dict(c.to_dict()) == c
 
 
+PER_SIZE_PRESET = """
+data: {train: shards/x}
+model: {arch: unet, size: M, dropout: 0.3}
+run: {dir: runs/x}
+per_size:
+  S: {optim.lr: 1.0e-4, run.dir: runs/x-S}
+  M: {optim.lr: 9.0e-5, model.dropout: 0.1, run.dir: runs/x-M}
+"""
+
+
+def test_per_size_table_resolves_for_the_model_size(tmp_path):
+    """The row of the resolved model.size applies over the file; overrides apply over the row."""
+    path = tmp_path / "preset.yaml"
+    path.write_text(PER_SIZE_PRESET)
+    m = load_config(str(path))
+    assert (m.optim.lr, m.model.dropout, m.run.dir) == (9e-5, 0.1, "runs/x-M")
+    s = load_config(str(path), ["model.size=S"])
+    assert (s.optim.lr, s.model.dropout, s.run.dir) == (1e-4, 0.3, "runs/x-S")  # S's row leaves dropout alone
+    assert load_config(str(path), ["optim.lr=3e-5", "model.size=S"]).optim.lr == 3e-5
+    assert "per_size" not in yaml.safe_load(m.to_yaml())
+    with pytest.raises(ConfigError, match="model.size: 'XL' has no row in the per_size table .* S, M"):
+        load_config(str(path), ["model.size=XL"])
+    path.write_text(PER_SIZE_PRESET.replace("optim.lr: 1.0e-4", "optim.learning_rate: 1.0e-4"))
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate: unknown key"):
+        load_config(str(path), ["model.size=S"])
+    path.write_text(PER_SIZE_PRESET.replace("optim.lr: 1.0e-4", "lr: 1.0e-4"))
+    with pytest.raises(ConfigError, match="per_size row S: 'lr' is not of the form section.key"):
+        load_config(str(path), ["model.size=S"])
+
+
 def test_lr_schedule():
     c = load("optim.schedule=inv_sqrt", "optim.t_ref=100", "optim.lr=1e-3")
     assert c.optim.lr_at(0) == c.optim.lr_at(99) == 1e-3
@@ -107,8 +155,10 @@ PRESETS = sorted(glob.glob(os.path.join(ROOT, "jobs", "configs", "*.yaml")))
 
 def test_presets_exist():
     names = {os.path.basename(p) for p in PRESETS}
-    assert {"toy-sct.yaml", "digits-diffusion.yaml", "digits-sct.yaml", "fashion-mnist-sct.yaml", "cifar10-sct.yaml",
-            "cifar10-scd.yaml", "imagenet64-sct.yaml", "imagenet64-scd.yaml", "imagenet512-scd.yaml"} <= names
+    assert {"toy-sct.yaml", "digits-diffusion.yaml", "digits-sct.yaml", "fashion-mnist-sct.yaml",
+            "cifar10-diffusion.yaml", "cifar10-sct.yaml", "cifar10-scd.yaml", "imagenet64-diffusion.yaml",
+            "imagenet64-sct.yaml", "imagenet64-scd.yaml", "imagenet512-diffusion.yaml", "imagenet512-sct.yaml",
+            "imagenet512-scd.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=os.path.basename)
@@ -124,20 +174,6 @@ def test_every_preset_validates(path):
     else:
         c = load_config(path)
     assert c.model.size in NET_PRESETS[c.model.arch]
-
-
-def test_paper_presets_carry_the_paper_settings():
-    cifar = load_config(os.path.join(ROOT, "jobs/configs/cifar10-sct.yaml"))
-    assert (cifar.model.size, cifar.model.dropout, cifar.train.batch_size, cifar.optim.name, cifar.optim.lr) == \
-        ("cifar10", 0.2, 512, "radam", 1e-4)
-    assert (cifar.objective.P_mean, cifar.objective.P_std, cifar.objective.tangent_c,
-            cifar.objective.warmup_steps) == (-1.0, 1.4, 0.1, 10000)
-    for name in ("imagenet64-sct", "imagenet64-scd"):
-        c = load_config(os.path.join(ROOT, f"jobs/configs/{name}.yaml"))
-        assert (c.train.batch_size, c.optim.name, c.optim.schedule, c.optim.t_ref, c.objective.P_std) == \
-            (2048, "adam", "inv_sqrt", 35000, 1.6)
-    c = load_config(os.path.join(ROOT, "jobs/configs/imagenet512-scd.yaml"))
-    assert (c.model.size, c.objective.P_mean, c.objective.P_std, c.objective.kind) == ("XXL", -0.8, 1.6, "scd")
 
 
 def test_readme_documents_every_key():

@@ -14,7 +14,7 @@ from scmlab.nets.unet import SelfAttention
 
 def model_cfg(arch, size, **overrides):
     fields = dict(arch=arch, size=size, dropout=None, time_embedding="positional", time_max_freq=4.0,
-                  double_norm=True, label_dropout=0.1, guidance_input=False, sigma_d=0.5)
+                  double_norm=True, label_dropout=0.1, guidance_input=False, dropout_max_res=None, sigma_d=0.5)
     return SimpleNamespace(**{**fields, **overrides})
 
 
@@ -245,6 +245,20 @@ def test_dropout_is_active_in_training_only():
     assert not torch.equal(net(x, t), net(x, t))
     net.eval()
     assert torch.equal(net(x, t), net(x, t))
+
+
+def test_dropout_only_at_low_resolutions():
+    """dropout_max_res: dropout in the blocks at resolution <= it, none above (the paper's ImageNet students: 16).
+    UNet 'ci' on 8x8: encoder 8, 4 (down), 4; decoder 4, 4 (bottleneck), 4, 4, 8 (up), 8, 8."""
+    def dropouts(**kw):
+        net = build_net(model_cfg("unet", "ci", dropout=0.5, **kw), data_shape=(1, 8, 8), device="meta")
+        return [block.dropout for block in [*net.enc, *net.dec]]
+
+    assert dropouts(dropout_max_res=4) == [0.0, 0.5, 0.5] + [0.5] * 4 + [0.0] * 3
+    assert dropouts(dropout_max_res=8) == dropouts() == [0.5] * 10
+    net = randomize_(build_net(model_cfg("unet", "ci", dropout=0.5, dropout_max_res=2), data_shape=(1, 8, 8)))
+    x, t = inputs((1, 8, 8))
+    assert torch.equal(net.train()(x, t), net(x, t))  # no block at resolution <= 2: no dropout at all
 
 
 def test_build_net_rejects_unknown_names_and_applies_dropout_override():

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from gaussian import ConsistencyNet, GaussianMixture, TeacherNet
+from gaussian import ConditionalTeacherNet, ConsistencyNet, GaussianMixture, TeacherNet
 from scmlab import jvp, trigflow
 from scmlab.jvp import network_jvp
 from scmlab.nets import build_net
@@ -50,7 +50,7 @@ def mlp(**kw):
     """The tiny MLP in fp64 with every weight perturbed: zero-initialised output layers would make F and its
     derivatives vanish and the checks below trivially true."""
     cfg = dict(arch="mlp", size="tiny", dropout=None, time_embedding="positional", time_max_freq=4.0,
-               double_norm=True, label_dropout=0.0, guidance_input=False, sigma_d=SD)
+               double_norm=True, label_dropout=0.0, guidance_input=False, dropout_max_res=None, sigma_d=SD)
     cfg.update(kw)
     net = build_net(type("ModelConfig", (), cfg)(), data_shape=(3,)).double()
     g = torch.Generator().manual_seed(0)
@@ -107,7 +107,7 @@ def test_jvp_modes_give_the_same_loss(mode):
 def image_net(arch, dropout=0.3):
     """UNet 'ci' (attention in its bottleneck) or DiT 'ci' in fp64, class-conditional, every weight perturbed."""
     cfg = dict(arch=arch, size="ci", dropout=dropout, time_embedding="positional", time_max_freq=4.0,
-               double_norm=True, label_dropout=0.2, guidance_input=False, sigma_d=SD)
+               double_norm=True, label_dropout=0.2, guidance_input=False, dropout_max_res=None, sigma_d=SD)
     net = build_net(type("ModelConfig", (), cfg)(), data_shape=(1, 8, 8), num_classes=4).double()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -191,6 +191,31 @@ def test_scd_gradient_does_not_vanish_away_from_the_exact_model():
     assert student.mu.grad.abs().min().item() > 1e-3
 
 
+def _distance_to_the_exact_model(net: ConsistencyNet) -> float:
+    return torch.cat([net.mu - DATA.mu[0], net.log_s - DATA.s[0].log()]).norm().item()
+
+
+def test_one_step_keeps_the_exact_model_and_moves_a_perturbed_one_toward_it():
+    """g (Algorithm 1) vanishes on the exact consistency model only with its sign and its cos(t) sin(t) factor as
+    written, and only then does the loss pull a wrong model toward the exact one. One SGD step of the sCD loss (exact
+    teacher, the paper's l2 tangent normalization, r = 1) must leave the exact Gaussian model where it is, and bring
+    a perturbed one closer: a flipped sign pushes it away, a dropped cos t sin t moves the exact one."""
+    x0, z, t = _batch(4096)
+    moved = {}
+    for offset in (0.0, 0.1):
+        net = ConsistencyNet(DATA)
+        with torch.no_grad():
+            net.mu.add_(offset)
+            net.log_s.add_(offset * torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64))
+        before = _distance_to_the_exact_model(net)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+        _exact_scd(tangent_norm="l2")(net, x0, step=0, t=t, z=z)[0].mean().backward()
+        optimizer.step()
+        moved[offset] = (before, _distance_to_the_exact_model(net))
+    assert moved[0.0][1] < 1e-12, moved  # measured 0 (gradient ~1e-17)
+    assert moved[0.1][1] < moved[0.1][0] - 0.005, moved  # measured 0.245 -> 0.234
+
+
 def test_sct_gradient_is_unbiased_at_the_exact_model():
     """sCT's tangent is an unbiased estimate of sCD's, so its expected gradient at the exact model is zero:
     the batch-mean gradient shrinks like 1/sqrt(N), far below the gradient of a slightly wrong model."""
@@ -215,6 +240,66 @@ def test_diffusion_loss_is_minimised_by_the_exact_teacher():
     F = TeacherNet(DATA)(trigflow.noisy(x0, z, t) / SD, t)
     direct = (F - trigflow.velocity(x0, z, t) / SD).square().mean(1)
     torch.testing.assert_close(loss(TeacherNet(DATA), x0, t=t, z=z)[0], direct)
+
+
+# --- guided distillation -----------------------------------------------------------------------------------------
+
+GUIDED = GaussianMixture([[-0.35, 0.1], [0.35, -0.1]], [[0.3, 0.35], [0.3, 0.35]])
+
+
+def test_teacher_velocity_applies_each_samples_guidance_scale():
+    """F_u + w_i (F_c - F_u) with w_i per sample == the teacher guided at the scalar scale w_i, sample by sample."""
+    teacher = ConditionalTeacherNet(GUIDED)
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(6, 2, generator=g, dtype=torch.float64) * SD
+    t = torch.rand(6, generator=g, dtype=torch.float64) + 0.2
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    w = torch.tensor([1.0, 1.0, 1.5, 1.5, 2.0, 2.0], dtype=torch.float64)
+    per_sample = _exact_scd(teacher=teacher).teacher_velocity(x_t, t, labels, w)
+    for i, w_i in enumerate(w.tolist()):
+        one = slice(i, i + 1)
+        fixed = _exact_scd(teacher=teacher, guidance_scale=w_i).teacher_velocity(x_t[one], t[one], labels[one])
+        torch.testing.assert_close(per_sample[one], fixed)
+    F_c = teacher(x_t / SD, t, labels)
+    F_u = teacher(x_t / SD, t)
+    torch.testing.assert_close(per_sample, SD * (F_u + w[:, None] * (F_c - F_u)))
+    assert not torch.allclose(per_sample[4:], SD * F_c[4:])  # guidance changes the velocity here
+
+
+class RecordsGuidance(torch.nn.Module):
+    """A tiny class- and guidance-conditioned F that records the guidance inputs it is called with."""
+
+    num_classes = 2
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+        self.seen = []
+
+    def forward(self, x, t, class_labels=None, guidance=None, return_logvar=False, tangent=None):
+        self.seen.append(guidance)
+        F = self.a * x * guidance[:, None] + t[:, None]
+        out = (F, torch.zeros_like(t)) if return_logvar else (F,)
+        if tangent is not None:  # the fused step's tangent: dF = a s dx + dt
+            dx, dt = tangent
+            out += ((self.a * dx * guidance[:, None] + dt[:, None]).detach(),)
+        return out if len(out) > 1 else F
+
+
+def test_scd_draws_one_guidance_scale_per_sample_for_teacher_and_student():
+    """guidance_max: s ~ U[1, guidance_max] per sample, the same s as the student's input (JVP and training forward)
+    and as the teacher's scale: the loss equals the loss with those scales given explicitly, and differs from the
+    loss at s = 1."""
+    x0, z, t = _batch(512, dims=2)
+    labels = torch.arange(512) % 2
+    obj = _exact_scd(teacher=ConditionalTeacherNet(GUIDED), guidance_max=2.0)
+    net = RecordsGuidance()
+    drawn = obj(net, x0, labels, step=0, t=t, z=z, generator=torch.Generator().manual_seed(4))[0]
+    s = net.seen[0]
+    assert s.shape == (512,) and 1 <= s.min() and s.max() <= 2 and s.std() > 0.2  # uniform on [1, 2]: std 0.29
+    assert all(torch.equal(seen, s) for seen in net.seen)  # the JVP and the training forward saw the same s
+    torch.testing.assert_close(drawn, obj(net, x0, labels, step=0, t=t, z=z, guidance=s)[0])
+    assert not torch.allclose(drawn, obj(net, x0, labels, step=0, t=t, z=z, guidance=torch.ones_like(s))[0])
 
 
 # --- stabilizers ---------------------------------------------------------------------------------------------------

@@ -124,7 +124,8 @@ def test_chunked_attention_tangent_equals_math_attention_under_jvp(N, chunk, mon
 
 def model_cfg(arch, size, **overrides):
     fields = dict(arch=arch, size=size, dropout=0.3, time_embedding="positional", time_max_freq=4.0,
-                  double_norm=True, label_dropout=0.3, guidance_input=True, sigma_d=0.5)
+                  double_norm=True, label_dropout=0.3, guidance_input=True, dropout_max_res=None,
+                  sigma_d=0.5)
     return SimpleNamespace(**{**fields, **overrides})
 
 

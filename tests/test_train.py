@@ -284,6 +284,13 @@ def test_vector_grid_is_a_scatter_plot(toy_shards, make_config, tmp_path):
     assert 0 < (pixels < 128).mean() < 0.5  # dots on a white background
 
 
+def test_guidance_needs_class_labels(toy_shards, make_config, tmp_path):
+    config = make_config(toy_shards, tmp_path, model={"guidance_input": True},
+                         objective={"kind": "scd", "teacher": str(tmp_path / "none"), "guidance_max": 2.0})
+    with pytest.raises(ValueError, match="classifier-free guidance needs class labels"):
+        train(config)
+
+
 def test_sigma_d_must_match_the_dataset(toy_shards, make_config, tmp_path):
     with pytest.raises(ValueError, match="objective.sigma_d: 1.0 differs from the dataset's sigma_d 0.5"):
         train(make_config(toy_shards, tmp_path, objective={"sigma_d": 1.0}))

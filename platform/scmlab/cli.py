@@ -76,7 +76,8 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="draw samples from a checkpoint's EMA weights",
                        description="Sample with the EMA weights of a checkpoint. sCT/sCD: consistency sampling with "
-                                   "--steps steps; diffusion: --steps PF-ODE (Heun) steps. Writes an .npz with "
+                                   "--steps steps; diffusion: --steps PF-ODE (Heun) steps, 2 --steps - 1 network "
+                                   "evaluations (twice that with guidance). Writes an .npz with "
                                    "`samples` (float32, data space: images NCHW in [-1, 1], vectors in original "
                                    "units) and `labels` for class-conditional models.")
     s.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (its latest)")
@@ -86,6 +87,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed for the latents and re-noising")
     s.add_argument("--class-label", type=int, default=None,
                    help="class for every sample (default for conditional models: 0, 1, ..., cycling)")
+    s.add_argument("--guidance", type=float, default=None, metavar="S",
+                   help="guidance scale: classifier-free guidance of a class-conditional diffusion model, or the "
+                        "guidance input of an sCD student trained with model.guidance_input (default: the run's "
+                        "train.sample_guidance, else its objective.guidance_scale)")
     s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     s.add_argument("--out", required=True, help="output .npz")
     s.add_argument("--grid", help="also write a PNG grid (scatter plot for vectors)")
@@ -185,7 +190,7 @@ def cmd_sample(args) -> int:
     from .data import Normalizer
     from .train import checkpoint
     from .train.loop import resolve_device
-    from .train.samples import ema_model, generate, save_grid
+    from .train.samples import ema_model, generate, guidance_scale, save_grid
 
     path = checkpoint.resolve(args.checkpoint)
     ckpt = checkpoint.load(path)
@@ -209,11 +214,16 @@ def cmd_sample(args) -> int:
                   else torch.arange(n, device=device) % num_classes)
     elif args.class_label is not None:
         raise SystemExit("--class-label: this model is unconditional")
-    x = generate(net, config, noise, steps=args.steps, class_labels=labels, generator=generator)
+    try:
+        guidance = guidance_scale(config, num_classes, args.guidance)
+    except ValueError as e:
+        raise SystemExit(f"--guidance: {e}") from None
+    x = generate(net, config, noise, steps=args.steps, class_labels=labels, guidance=guidance, generator=generator)
     samples = Normalizer(manifest).to_data(x.float().cpu()).numpy().astype(np.float32)
     arrays = {"samples": samples} | ({"labels": labels.cpu().numpy()} if labels is not None else {})
     np.savez(args.out, **arrays)
-    log.info("%d samples %s from %s (step %d) -> %s", n, samples.shape[1:], path, ckpt["step"], args.out)
+    log.info("%d samples %s from %s (step %d, guidance %s) -> %s", n, samples.shape[1:], path, ckpt["step"],
+             guidance, args.out)
     if args.grid:
         save_grid(samples, args.grid, manifest["kind"])
         log.info("grid -> %s", args.grid)

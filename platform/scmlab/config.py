@@ -85,6 +85,9 @@ class ModelConfig:
     """Probability of replacing the class label by the null label in training (for classifier-free guidance)."""
     guidance_input: bool = False
     """Condition the network on the guidance scale (sCD students distilled from a guided teacher)."""
+    dropout_max_res: int | None = None
+    """UNet: dropout only in the blocks at resolution <= this (the paper's ImageNet students: 16, App. G.2, Tables
+    4-5); null = every block."""
 
     def __post_init__(self):
         _check(bool(self.arch), f"model.arch is required: one of {', '.join(ARCHS)}")
@@ -95,6 +98,10 @@ class ModelConfig:
         _one_of("model.time_embedding", self.time_embedding, TIME_EMBEDDINGS)
         _check(self.time_max_freq > 0, f"model.time_max_freq: must be > 0, got {self.time_max_freq}")
         _check(0 <= self.label_dropout < 1, f"model.label_dropout: must be in [0, 1), got {self.label_dropout}")
+        _check(self.dropout_max_res is None or self.dropout_max_res >= 1,
+               f"model.dropout_max_res: must be >= 1 or null for every block, got {self.dropout_max_res}")
+        _check(self.dropout_max_res is None or self.arch == "unet",
+               f"model.dropout_max_res: only the UNet has resolutions; leave it null for model.arch={self.arch}")
 
 
 @dataclass
@@ -123,6 +130,9 @@ class ObjectiveConfig:
     forward for F and F^-), `autograd` (a separate forward-mode AD pass) or `fd` (central finite differences)."""
     guidance_scale: float = 1.0
     """Classifier-free guidance scale applied to the sCD teacher's velocity (1 = no guidance)."""
+    guidance_max: float = 1.0
+    """sCD: draw the teacher's guidance scale per sample, uniformly in [1, guidance_max], and feed it to the student's
+    guidance input (model.guidance_input); the paper: 2.0 on ImageNet 512 (sec. 5.2, Table 5). 1 = off."""
 
     def __post_init__(self):
         _one_of("objective.kind", self.kind, KINDS)
@@ -140,6 +150,11 @@ class ObjectiveConfig:
         _check(self.guidance_scale >= 0, f"objective.guidance_scale: must be >= 0, got {self.guidance_scale}")
         _check(self.guidance_scale == 1.0 or self.kind == "scd",
                "objective.guidance_scale applies to the sCD teacher only: set objective.kind=scd or leave it at 1")
+        _check(self.guidance_max >= 1, f"objective.guidance_max: must be >= 1 (1 = off), got {self.guidance_max}")
+        _check(self.guidance_max == 1.0 or self.kind == "scd",
+               "objective.guidance_max applies to sCD only: set objective.kind=scd or leave it at 1")
+        _check(self.guidance_max == 1.0 or self.guidance_scale == 1.0,
+               "objective.guidance_max: the scale is drawn per sample, so objective.guidance_scale must stay 1")
 
 
 @dataclass
@@ -150,12 +165,15 @@ class OptimConfig:
     """Peak learning rate (the paper's consistency lr is 1e-4)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     """Adam betas (the paper: 0.9, 0.99)."""
+    eps: float = 1e-8
+    """Adam / RAdam epsilon (the paper: 1e-8 on CIFAR-10, 1e-11 on ImageNet; App. G, Tables 4-5)."""
     weight_decay: float = 0.0
     """L2 weight decay passed to the optimizer."""
     schedule: str = "constant"
     """Learning-rate decay: `constant`, or `inv_sqrt`: lr / sqrt(max(step / t_ref, 1)) (EDM2)."""
     t_ref: int = 0
-    """Steps before the inverse-square-root decay starts (required by inv_sqrt; the paper: 35k on ImageNet 64)."""
+    """Steps before the inverse-square-root decay starts (required by inv_sqrt; the paper: 35k on ImageNet 64, 70k on
+    ImageNet 512)."""
     warmup: int = 0
     """Linear learning-rate warmup over this many steps (0 = none)."""
     grad_clip: float = 1.0
@@ -166,6 +184,7 @@ class OptimConfig:
         _check(self.lr > 0, f"optim.lr: must be > 0, got {self.lr}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                f"optim.betas: must be two numbers in [0, 1), e.g. [0.9, 0.99]; got {self.betas}")
+        _check(self.eps > 0, f"optim.eps: must be > 0, got {self.eps}")
         _check(self.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
         _one_of("optim.schedule", self.schedule, SCHEDULES)
         _check(self.schedule != "inv_sqrt" or self.t_ref > 0,
@@ -209,6 +228,9 @@ class TrainConfig:
     sample_steps: int | None = None
     """Sampling steps for the grids: consistency steps for sct/scd (null = 2, the paper's), Heun PF-ODE steps for
     diffusion (null = 18)."""
+    sample_guidance: float | None = None
+    """Guidance scale of the grids: classifier-free guidance of a class-conditional diffusion model, or the guidance
+    input of an sCD student (model.guidance_input); null = objective.guidance_scale (1 = unguided)."""
     max_bad_steps: int = 20
     """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped, not applied)."""
     device: str = "auto"
@@ -230,6 +252,8 @@ class TrainConfig:
             _check(getattr(self, name) >= 0, f"train.{name}: must be >= 0, got {getattr(self, name)}")
         _check(self.sample_steps is None or self.sample_steps >= 1,
                f"train.sample_steps: must be >= 1 or null for the default, got {self.sample_steps}")
+        _check(self.sample_guidance is None or self.sample_guidance >= 0,
+               f"train.sample_guidance: must be >= 0 or null, got {self.sample_guidance}")
         _one_of("train.ema", self.ema, EMA_PROFILES)
         _check(self.ema_half_life > 0, f"train.ema_half_life: must be > 0 images, got {self.ema_half_life}")
         _check(0 < self.ema_sigma_rel < 0.28,
@@ -331,6 +355,11 @@ class Config:
     def __post_init__(self):
         _check(not self.model.guidance_input or self.objective.kind == "scd",
                "model.guidance_input: only sCD students take a guidance input; set objective.kind=scd or turn it off")
+        _check(self.objective.guidance_max == 1.0 or self.model.guidance_input,
+               "objective.guidance_max: the student must see the scale drawn for it; set model.guidance_input=true")
+        _check(self.train.sample_guidance is None or self.objective.kind == "diffusion" or self.model.guidance_input,
+               "train.sample_guidance: only a diffusion model (classifier-free guidance) or an sCD student with "
+               "model.guidance_input takes a guidance scale; leave it null")
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML / JSON / torch.load(weights_only=True) safe)."""
@@ -429,20 +458,46 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
     """Apply `section.key=value` overrides to a nested dict (value parsed as a YAML scalar: 1e-4, true, null, [..])."""
     import yaml
 
-    d = {k: dict(v or {}) for k, v in (d or {}).items()}
+    values = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
-        section, dot, name = key.strip().partition(".")
-        _check(bool(sep and dot and section and name),
-               f"override {item!r}: expected section.key=value, e.g. train.steps=100")
+        _check(bool(sep), f"override {item!r}: expected section.key=value, e.g. train.steps=100")
+        values[key] = yaml.safe_load(raw) if raw.strip() else None
+    return _assign(d, values, lambda key: f"override {key!r}: expected section.key=value, e.g. train.steps=100")
+
+
+def _assign(d: dict, values: dict, malformed) -> dict:
+    """A copy of the nested dict `d` with each `section.key` of `values` set; `malformed(key)` words the error for a
+    key that is not of that form."""
+    d = {k: dict(v or {}) for k, v in (d or {}).items()}
+    for key, value in values.items():
+        section, dot, name = str(key).strip().partition(".")
+        _check(bool(dot and section and name), malformed(key))
         _reject_unknown({section: None}, SECTIONS, "")
         _reject_unknown({name: None}, {f.name for f in dataclasses.fields(SECTIONS[section])}, f"{section}.")
-        d.setdefault(section, {})[name] = yaml.safe_load(raw) if raw.strip() else None
+        d.setdefault(section, {})[name] = value
     return d
 
 
+PER_SIZE = "per_size"
+
+
+def _per_size_row(table, size, path: str) -> dict:
+    """The row of a preset's `per_size` table for model `size`: {section.key: value}."""
+    _check(isinstance(table, dict) and all(isinstance(row, dict) for row in table.values()),
+           f"{path}: {PER_SIZE} must map each model.size to `section.key: value` pairs")
+    _check(size in table, f"model.size: {size!r} has no row in the {PER_SIZE} table of {path}; the preset gives the "
+                          f"paper's values for {', '.join(map(str, table))}")
+    return table[size]
+
+
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config file (optional), apply overrides and validate."""
+    """Read a YAML config file (optional), apply overrides and validate.
+
+    A file may hold a `per_size` table, {model.size: {section.key: value}}, for values the paper gives per model
+    size (learning rates, iteration counts, dropout; Tables 4-5): the row of the resolved model.size (the file's, or
+    an override's) applies over the file's values, and the overrides over both. The resolved config holds no table.
+    """
     import yaml
 
     d = {}
@@ -450,4 +505,11 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         with open(path) as f:
             d = yaml.safe_load(f) or {}
         _check(isinstance(d, dict), f"{path}: expected a mapping of sections (data, model, ...)")
-    return Config.from_dict(apply_overrides(d, list(overrides)))
+    overrides = list(overrides)
+    if PER_SIZE in d:
+        d = dict(d)
+        table = d.pop(PER_SIZE)
+        size = apply_overrides(d, overrides).get("model", {}).get("size")
+        d = _assign(d, _per_size_row(table, size, path),
+                    lambda key: f"{path}: {PER_SIZE} row {size}: {key!r} is not of the form section.key")
+    return Config.from_dict(apply_overrides(d, overrides))

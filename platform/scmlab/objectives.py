@@ -74,7 +74,7 @@ class SCMLoss:
     """sCT / sCD consistency loss, Algorithm 1 of the paper.
 
         dx_t/dt = cos(t) z - sin(t) x0                           (sCT: unbiased estimate)
-                = sigma_d F_teacher(x_t / sigma_d, t)            (sCD: the teacher's PF-ODE, with CFG)
+                = sigma_d F_teacher(x_t / sigma_d, t)            (sCD: the teacher's PF-ODE, with CFG at scale s)
         r       = min(1, step / H)                               (tangent warmup)
         g       = -cos^2(t) (sigma_d F_theta^- - dx_t/dt) - r cos(t) sin(t) (x_t + sigma_d dF_theta^-/dt)
         g      <- g / (||g|| + c)                                (tangent normalization)
@@ -85,12 +85,16 @@ class SCMLoss:
     cos t sin t inside the JVP keeps it finite in low precision near t = 0 and t = pi/2. ``jvp`` picks how it is
     computed (see `evaluate`): ``fused`` carries it through the training forward, ``autograd`` and ``fd`` run a
     separate JVP pass.
+
+    sCD with guidance_max > 1 draws the teacher's guidance scale s ~ U[1, guidance_max] per sample and passes it to
+    the student as its guidance input, F_theta(x_t / sigma_d, t, s) (sec. 5.2 and App. G.2: s in [1, 2] on ImageNet
+    512); a `guidance` given to the call is used instead, for the teacher and the student alike.
     """
 
     def __init__(self, kind: str = "sct", sigma_d: float = 0.5, P_mean: float = -1.0, P_std: float = 1.4,
                  tangent_norm: str = "l2", tangent_c: float = 0.1, warmup_steps: int = 10_000,
                  adaptive_weight: bool = True, jvp: str = "fused", fd_eps: float = 1e-3,
-                 teacher: torch.nn.Module | None = None, guidance_scale: float = 1.0):
+                 teacher: torch.nn.Module | None = None, guidance_scale: float = 1.0, guidance_max: float = 1.0):
         for name, value, allowed in (("kind", kind, KINDS), ("tangent_norm", tangent_norm, TANGENT_NORMS),
                                      ("jvp", jvp, JVP_MODES)):
             if value not in allowed:
@@ -100,22 +104,22 @@ class SCMLoss:
         self.kind, self.sigma_d, self.P_mean, self.P_std = kind, sigma_d, P_mean, P_std
         self.tangent_norm, self.tangent_c, self.warmup_steps = tangent_norm, tangent_c, warmup_steps
         self.adaptive_weight, self.jvp, self.fd_eps = adaptive_weight, jvp, fd_eps
-        self.teacher, self.guidance_scale = teacher, guidance_scale
+        self.teacher, self.guidance_scale, self.guidance_max = teacher, guidance_scale, guidance_max
 
     def warmup(self, step: int) -> float:
         """r = min(1, step / H); H = 0 switches the warmup off."""
         return 1.0 if self.warmup_steps <= 0 else min(1.0, step / self.warmup_steps)
 
     @torch.no_grad()
-    def teacher_velocity(self, x_t, t, class_labels):
+    def teacher_velocity(self, x_t, t, class_labels, guidance=None):
         """sCD's dx_t/dt = sigma_d F_teacher(x_t / sigma_d, t), with classifier-free guidance when conditional:
-        F = F_uncond + w (F_cond - F_uncond)."""
+        F = F_uncond + w (F_cond - F_uncond), w the per-sample `guidance` (B,) or else guidance_scale."""
         x = x_t / self.sigma_d
         F = self.teacher(x, t, class_labels)
-        if class_labels is not None and self.guidance_scale != 1.0:
-            null = torch.full_like(class_labels, self.teacher.num_classes)
-            F_uncond = self.teacher(x, t, null)
-            F = F_uncond + self.guidance_scale * (F - F_uncond)
+        if class_labels is not None and (guidance is not None or self.guidance_scale != 1.0):
+            w = self.guidance_scale if guidance is None else trigflow.expand(guidance, x)
+            F_uncond = self.teacher(x, t, torch.full_like(class_labels, self.teacher.num_classes))
+            F = F_uncond + w * (F - F_uncond)
         return self.sigma_d * F
 
     def normalize(self, g: torch.Tensor) -> torch.Tensor:
@@ -153,7 +157,7 @@ class SCMLoss:
         if self.kind == "sct":
             dxt_dt = trigflow.velocity(x0, z, t)
         else:
-            dxt_dt = self.teacher_velocity(x_t, t, class_labels)
+            dxt_dt = self.teacher_velocity(x_t, t, class_labels, guidance)
         cs = torch.cos(t) * torch.sin(t)  # (B,)
         F, logvar, F_m, cs_dF_dt = self.evaluate(net, x_t / sd, t, trigflow.expand(cs, x0) * dxt_dt / sd, cs,
                                                  class_labels, guidance)
@@ -176,6 +180,9 @@ class SCMLoss:
 
     def __call__(self, net, x0, class_labels=None, *, step: int, generator=None, t=None, z=None, guidance=None):
         t, z = _draw(x0, self.sigma_d, self.P_mean, self.P_std, generator, t, z)
+        if guidance is None and self.guidance_max > 1:  # s ~ U[1, guidance_max] (App. G.2)
+            guidance = 1 + (self.guidance_max - 1) * torch.rand(x0.shape[0], generator=generator, device=x0.device,
+                                                                dtype=x0.dtype)
         F, logvar, F_m, g, stats = self._step(net, x0, z, t, class_labels, step, guidance)
         residual = _full(F) - F_m - g  # F_theta - F_theta^- is zero in value: it carries the gradient
         loss = _weighted(residual.square(), _full(logvar) if self.adaptive_weight else None)

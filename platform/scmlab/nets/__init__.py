@@ -33,6 +33,8 @@ def build_net(cfg, *, data_shape: tuple[int, ...], num_classes: int = 0, device=
     kwargs = dict(presets[cfg.size])
     if cfg.dropout is not None:
         kwargs["dropout"] = cfg.dropout
+    if cfg.dropout_max_res is not None:  # UNet only (config.ModelConfig checks)
+        kwargs["dropout_max_res"] = cfg.dropout_max_res
     with torch.device(device) if device is not None else contextlib.nullcontext():
         return ARCHITECTURES[cfg.arch](
             tuple(data_shape),

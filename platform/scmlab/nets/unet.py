@@ -1,7 +1,8 @@
 """UNet for images in the DDPM++ / EDM2 layout, with the sCM paper's changes (Lu & Song 2024, sec. 4.1):
-positional time embedding of c_noise(t) = t, adaptive double normalization in every residual block, dropout,
-and the learned weighting head w_phi(t). Attention goes through ``scmlab.tangent.attention`` (a tangent for the
-fused sCM step; the explicit math form under torch.func.jvp).
+positional time embedding of c_noise(t) = t, adaptive double normalization in every residual block, dropout
+(optionally only in the blocks at resolution <= dropout_max_res), and the learned weighting head w_phi(t).
+Attention goes through ``scmlab.tangent.attention`` (a tangent for the fused sCM step; the explicit math form under
+torch.func.jvp).
 
 Shape legend: B batch, C channels, H x W resolution, E conditioning-embedding width, heads x d = C in attention,
 N = H * W tokens.
@@ -135,6 +136,7 @@ class UNet(nn.Module):
         label_dropout: float = 0.0,
         guidance_input: bool = False,
         logvar_channels: int = 128,
+        dropout_max_res: int | None = None,
     ):
         super().__init__()
         if len(data_shape) != 3:
@@ -165,8 +167,10 @@ class UNet(nn.Module):
         self.logvar = LogVarHead(time_embedding, logvar_channels, max_freq=time_max_freq, sigma_d=sigma_d)
 
         def block(cin, cout, res, **kwargs):
+            # Dropout only at resolutions <= dropout_max_res (Lu & Song 2024, App. G.2, after Simple Diffusion / iCT).
+            p = dropout if dropout_max_res is None or res <= dropout_max_res else 0.0
             kwargs.setdefault("attention", res in attn_resolutions)
-            return Block(cin, cout, emb_channels, channels_per_head=channels_per_head, dropout=dropout,
+            return Block(cin, cout, emb_channels, channels_per_head=channels_per_head, dropout=p,
                          double_norm=double_norm, **kwargs)
 
         self.conv_in = nn.Conv2d(img_channels, model_channels, 3, padding=1)

@@ -60,7 +60,8 @@ def build_objective(config: Config, teacher: torch.nn.Module | None):
         return DiffusionLoss(sigma_d=o.sigma_d, P_mean=o.P_mean, P_std=o.P_std, adaptive_weight=o.adaptive_weight)
     return SCMLoss(kind=o.kind, sigma_d=o.sigma_d, P_mean=o.P_mean, P_std=o.P_std, tangent_norm=o.tangent_norm,
                    tangent_c=o.tangent_c, warmup_steps=o.warmup_steps, adaptive_weight=o.adaptive_weight, jvp=o.jvp,
-                   teacher=teacher if o.kind == "scd" else None, guidance_scale=o.guidance_scale)
+                   teacher=teacher if o.kind == "scd" else None, guidance_scale=o.guidance_scale,
+                   guidance_max=o.guidance_max)
 
 
 def build_optimizer(config: Config, params, device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
@@ -68,7 +69,7 @@ def build_optimizer(config: Config, params, device: torch.device = torch.device(
     o = config.optim
     cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[o.name]
     kernel = {"fused": True} if o.name == "adam" and device.type == "cuda" else {"foreach": True}
-    return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, **kernel)
+    return cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, **kernel)
 
 
 def load_teacher(config: Config, manifest: dict) -> torch.nn.Module:
@@ -100,11 +101,16 @@ def init_from_teacher(net: torch.nn.Module, teacher: torch.nn.Module, path: str)
 
 def check_inputs(config: Config) -> dict:
     """What can be checked before any worker starts: the dataset is there (its manifest reads), its sigma_d is the
-    objective's, the teacher checkpoint exists. Returns the manifest. Errors name the field or URL."""
+    objective's, it has classes if the teacher is to be guided, the teacher checkpoint exists. Returns the manifest.
+    Errors name the field or URL."""
     manifest = data.read_manifest(config.data.train)
     if float(manifest["sigma_d"]) != config.objective.sigma_d:  # vectors were normalized to the dataset's sigma_d
         raise ConfigError(f"objective.sigma_d: {config.objective.sigma_d} differs from the dataset's sigma_d "
                           f"{manifest['sigma_d']} (data.train manifest); set objective.sigma_d={manifest['sigma_d']}")
+    guided = config.objective.guidance_scale != 1.0 or config.objective.guidance_max > 1
+    if guided and not int(manifest.get("num_classes", 0)):
+        raise ConfigError("objective.guidance_scale / objective.guidance_max: classifier-free guidance needs class "
+                          f"labels, and the data of data.train ({config.data.train}) has none")
     if config.objective.teacher:
         try:
             checkpoint.resolve(config.objective.teacher)
@@ -185,8 +191,8 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
     loader = data.make_loader(config.data.train, batch_size=local_batch, seed=cfg.seed, rank=rank,
                               world_size=world_size, num_workers=config.data.num_workers, start_step=state["step"],
                               on_error=config.data.on_error, pin_memory=device.type == "cuda")
-    guidance = None
-    if config.model.guidance_input:
+    guidance = None  # a student with a guidance input sees a fixed scale, or the objective draws one per sample
+    if config.model.guidance_input and config.objective.guidance_max == 1:
         guidance = torch.full((local_batch,), config.objective.guidance_scale, device=device)
     distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 

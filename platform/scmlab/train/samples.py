@@ -2,8 +2,11 @@
 
 sCT / sCD students sample with multistep consistency sampling (2 steps: t_max, then 1.1); diffusion models by
 integrating the PF-ODE (Heun). Samples come out in model space; `scmlab.data.Normalizer` maps them to data space.
+A guidance scale goes to a class-conditional diffusion model as classifier-free guidance, and to an sCD student
+with a guidance input as that input.
 """
 
+import logging
 import math
 
 import numpy as np
@@ -14,7 +17,11 @@ from .. import sampling
 from ..config import Config, net_config
 from ..nets import build_net
 
-DEFAULT_STEPS = {"diffusion": 18, "sct": 2, "scd": 2}  # 18 Heun steps = 35 evaluations, EDM's CIFAR-10 setting
+log = logging.getLogger(__name__)
+
+# 18 Heun steps = 35 network evaluations (the last step, to t = 0, is Euler): EDM's CIFAR-10 sampler, the paper's
+# teacher sampler (App. G.1).
+DEFAULT_STEPS = {"diffusion": 18, "sct": 2, "scd": 2}
 
 
 def build_model(config: Config, manifest: dict) -> torch.nn.Module:
@@ -30,20 +37,35 @@ def ema_model(ckpt: dict) -> torch.nn.Module:
     return net.eval().requires_grad_(False)
 
 
+def guidance_scale(config: Config, num_classes: int, guidance: float | None = None) -> float:
+    """The guidance scale to sample at: `guidance`, else train.sample_guidance, else the training scale
+    objective.guidance_scale (1 = unguided). Only a class-conditional diffusion model (classifier-free guidance) and
+    an sCD student with a guidance input take a scale other than 1."""
+    w = next(g for g in (guidance, config.train.sample_guidance, config.objective.guidance_scale) if g is not None)
+    if w != 1.0 and not (config.model.guidance_input or (config.objective.kind == "diffusion" and num_classes)):
+        raise ValueError(f"guidance {w}: only a class-conditional diffusion model (classifier-free guidance) or an "
+                         "sCD student trained with model.guidance_input takes a guidance scale")
+    if config.objective.guidance_max > 1 and not 1 <= w <= config.objective.guidance_max:
+        log.warning("guidance %s lies outside the scales the student was trained on, [1, %s]", w,
+                    config.objective.guidance_max)
+    return w
+
+
 @torch.no_grad()
 def generate(net, config: Config, noise: torch.Tensor, *, steps: int | None = None, class_labels=None,
-             generator=None) -> torch.Tensor:
-    """Samples in model space from standard-normal `noise` (B, ...); steps=None takes the kind's default."""
+             guidance: float | None = None, generator=None) -> torch.Tensor:
+    """Samples in model space from standard-normal `noise` (B, ...); steps=None takes the kind's default, guidance
+    (see guidance_scale) the run's."""
     kind, sigma_d = config.objective.kind, config.objective.sigma_d
     steps = steps or DEFAULT_STEPS[kind]
+    w = guidance_scale(config, net.num_classes if class_labels is not None else 0, guidance)
     if kind == "diffusion":
-        return sampling.pf_ode_sample(net, noise, sigma_d=sigma_d, num_steps=steps, class_labels=class_labels)
-    guidance = None
-    if config.model.guidance_input:
-        guidance = torch.full((noise.shape[0],), config.objective.guidance_scale, device=noise.device,
-                              dtype=noise.dtype)
+        return sampling.pf_ode_sample(net, noise, sigma_d=sigma_d, num_steps=steps, class_labels=class_labels,
+                                      guidance_scale=w)
+    inputs = torch.full((noise.shape[0],), w, device=noise.device, dtype=noise.dtype) \
+        if config.model.guidance_input else None
     return sampling.consistency_sample(net, noise, sigma_d=sigma_d, times=sampling.consistency_times(steps, sigma_d),
-                                       class_labels=class_labels, guidance=guidance, generator=generator)
+                                       class_labels=class_labels, guidance=inputs, generator=generator)
 
 
 def save_grid(samples: np.ndarray, path: str, kind: str) -> None:

@@ -182,9 +182,9 @@ def compute(config: Config, manifest: dict) -> dict:
     from . import flops
 
     shape, num_classes = tuple(manifest["shape"]), int(manifest.get("num_classes", 0))
+    guided = config.objective.guidance_scale != 1.0 or config.objective.guidance_max > 1  # 2 teacher forwards
     per_sample = flops.train_flops_per_sample(config.model, config.objective.kind, shape, num_classes,
-                                              cfg_guidance=config.objective.guidance_scale != 1.0,
-                                              jvp=config.objective.jvp)
+                                              cfg_guidance=guided, jvp=config.objective.jvp)
     per_step = per_sample * config.train.batch_size
     return {"params": flops.parameter_count(config.model, shape, num_classes), "flops_per_sample": per_sample,
             "flops_per_step": per_step, "total_flops": per_step * config.train.steps}
