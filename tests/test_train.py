@@ -136,9 +136,9 @@ def inf_after(k: int, where: str):
     the first weight (`model`) or of the optimizer state (`optimizer`) becomes inf."""
     real = loop_module.build_optimizer
 
-    def build(config, params):
+    def build(config, params, *device):
         params = list(params)
-        optimizer = real(config, params)
+        optimizer = real(config, params, *device)
         update, calls = optimizer.step, []
 
         def step():
