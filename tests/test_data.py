@@ -358,6 +358,26 @@ def test_cifar10_pickle_gadget_is_refused_and_nothing_runs(tmp_path):
         prepare(f"cifar10:{archive}", str(tmp_path / "out"), progress=False)
 
 
+def test_a_crafted_checkpoint_is_refused_by_a_torch_whose_weights_only_is_safe(tmp_path):
+    """Checkpoints (a teacher, a resumed run) load with torch.load(weights_only=True), which torch < 2.6 let a
+    crafted file bypass: pyproject requires torch>=2.6, and a checkpoint carrying a pickle gadget is refused."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from scmlab.train import checkpoint
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")) as f:
+        pyproject = f.read()
+    torch_requirement = Requirement(re.search(r'"(torch[<>=!~][^"]*)"', pyproject).group(1))
+    assert not torch_requirement.specifier.contains("2.5.1") and torch_requirement.specifier.contains("2.6.0")
+    assert Version(torch.__version__.split("+")[0]) >= Version("2.6")
+    marker = tmp_path / "pwned"
+    torch.save({"step": 1, "model": _Gadget(f"touch {marker}")}, tmp_path / "step-000000001.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        checkpoint.load(str(tmp_path / "step-000000001.pt"))
+    assert not marker.exists()
+
+
 def _snapshot(root) -> dict:
     """{relative path: bytes} of every file under root."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
