@@ -20,6 +20,7 @@ from PIL import Image
 
 from scmlab import data
 from scmlab.data import DataError, Normalizer, make_loader, prepare, read_manifest, verify
+from scmlab.data.readers import digits_test_index
 from scmlab.data.shards import decode, read_shard
 
 FASHION = "/usr/share/datasets/fashion-mnist"
@@ -251,14 +252,27 @@ def test_card_errors_name_the_field(tmp_path):
 def test_prepare_digits(tmp_path):
     from sklearn.datasets import load_digits
 
-    m = prepare("digits", str(tmp_path), progress=False)
-    assert (m["kind"], m["shape"], m["count"], m["num_classes"]) == ("image", [1, 8, 8], 1797, 10)
-    assert [s["count"] for s in m["shards"]] == [500, 500, 500, 297]
-    samples = _all_samples(str(tmp_path))
+    m = prepare("digits", str(tmp_path / "train"), progress=False)
+    assert (m["kind"], m["shape"], m["count"], m["num_classes"], m["split"]) == ("image", [1, 8, 8], 1500, 10, "train")
+    assert [s["count"] for s in m["shards"]] == [500, 500, 500]
+    samples = _all_samples(str(tmp_path / "train"))
     ref = load_digits()
+    held_out = digits_test_index()
+    train_index = np.setdiff1d(np.arange(1797), held_out)
+    assert len(held_out) == 297 and len(train_index) == 1500
     i = 1234
-    np.testing.assert_array_equal(_pixels(samples[i][1][0]), np.round(ref.images[i] * 255 / 16))
-    assert samples[i][2] == ref.target[i]
+    np.testing.assert_array_equal(_pixels(samples[i][1][0]), np.round(ref.images[train_index[i]] * 255 / 16))
+    assert [s[2] for s in samples] == ref.target[train_index].tolist()
+    # the test split: the held-out 297, in stored order, none of them in train
+    m = prepare("digits", str(tmp_path / "test"), progress=False, split="test")
+    assert (m["count"], m["split"]) == (297, "test")
+    test = _all_samples(str(tmp_path / "test"))
+    np.testing.assert_array_equal(_pixels(test[5][1][0]), np.round(ref.images[held_out[5]] * 255 / 16))
+    assert [t[2] for t in test] == ref.target[held_out].tolist()
+    with pytest.raises(DataError, match="digits: no split 'val'; its splits: train, test"):
+        prepare("digits", str(tmp_path / "val"), progress=False, split="val")
+    with pytest.raises(DataError, match="toy-gmm: no split 'test'; its splits: train"):
+        prepare("toy-gmm", str(tmp_path / "gmm"), progress=False, split="test")
 
 
 def test_prepare_toy_reproducible_with_options(tmp_path):
@@ -318,15 +332,20 @@ def _cifar_archive(path, batches: dict) -> str:
 def test_prepare_cifar10_archive(tmp_path):
     rng = np.random.default_rng(0)
     batches = {f"data_batch_{i}": rng.integers(0, 256, (3, 3072), dtype=np.uint8) for i in range(1, 6)}
+    batches["test_batch"] = rng.integers(0, 256, (2, 3072), dtype=np.uint8)
     archive = _cifar_archive(tmp_path / "cifar-10-python.tar.gz", {
         name: pickle.dumps({b"batch_label": name.encode(), b"data": rows,
-                            b"labels": [int(k) for k in rng.integers(0, 10, 3)]}, protocol=2)
+                            b"labels": [int(k) for k in rng.integers(0, 10, len(rows))]}, protocol=2)
         for name, rows in batches.items()})
     m = prepare("cifar10", str(tmp_path / "out"), progress=False, options={"path": archive})
     assert (m["shape"], m["count"], m["num_classes"]) == ([3, 32, 32], 15, 10)
     samples = _all_samples(str(tmp_path / "out"))
     second = batches["data_batch_2"][1].reshape(3, 32, 32)  # sample 4: R, G, B planes
     np.testing.assert_array_equal(_pixels(samples[4][1]), second)
+    m = prepare("cifar10", str(tmp_path / "test"), progress=False, options={"path": str(archive)}, split="test")
+    assert (m["count"], m["split"]) == (2, "test")
+    np.testing.assert_array_equal(_pixels(_all_samples(str(tmp_path / "test"))[1][1]),
+                                  batches["test_batch"][1].reshape(3, 32, 32))
     with pytest.raises(DataError, match="download cifar-10-python|Download cifar-10-python"):
         prepare("cifar10", str(tmp_path / "o"), progress=False, options={"path": str(tmp_path / "none.tar.gz")})
 
@@ -426,6 +445,12 @@ def test_prepare_fashion_mnist_limit(tmp_path):
     samples = _all_samples(str(tmp_path))
     np.testing.assert_array_equal(_pixels(np.stack([x[0] for _, x, _ in samples])), images)
     assert [y for _, _, y in samples] == labels.tolist()
+    m = prepare("fashion-mnist", str(tmp_path / "test"), limit=50, progress=False, split="test")  # t10k files
+    with gzip.open(f"{FASHION}/t10k-images-idx3-ubyte.gz") as f:
+        test_images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:50]
+    assert m["split"] == "test"
+    np.testing.assert_array_equal(_pixels(np.stack([x[0] for _, x, _ in _all_samples(str(tmp_path / "test"))])),
+                                  test_images)
 
 
 # --- model space and the loader ----------------------------------------------------------------------------------

@@ -64,6 +64,31 @@ def test_config_errors_name_the_field_before_any_resource(toy_shards, tmp_path):
     assert config.metric == "loss/mean"
 
 
+def test_sweep_can_fit_an_eval_score(toy_shards, tmp_path, monkeypatch):
+    """sweep.metric: a positive eval score of which lower is better, for a sampler the objective has, logged by
+    evaluations; checked before Ray or MLflow is touched."""
+    from scmlab.train import distributed
+
+    path = write_sweep(tmp_path / "s.yaml", toy_shards, tmp_path / "run")
+    _, config = sweep.load_sweep(path, ["sweep.metric=eval/energy/ode18", "eval.every=4"])
+    assert config.metric == "eval/energy/ode18"
+    for overrides, message in (
+            (["sweep.metric=eval/energy/ode18"], r"sweep\.metric: eval/energy/ode18 is logged by evaluations; "
+                                                 r"set eval\.every > 0"),
+            (["sweep.metric=eval/kid/ode18", "eval.every=4"], r"kid, an unbiased estimate, can be negative"),
+            (["sweep.metric=eval/precision/ode18", "eval.every=4"], r"not a positive eval score"),
+            (["sweep.metric=eval/energy/2step", "eval.every=4"], r"names sampler '2step', but eval\.steps scores "
+                                                                 r"ode18"),
+            (["sweep.metric=eval/fd/ode18", "eval.every=4", "eval.metrics=[energy]"], r"eval\.metrics is \['energy'\]")):
+        with pytest.raises(ConfigError, match=message):
+            sweep.load_sweep(path, overrides)
+    monkeypatch.setattr(distributed, "connect", lambda: pytest.fail("Ray was started"))
+    base, config = sweep.load_sweep(path, ["sweep.metric=eval/fd/ode18", "eval.every=4"])  # fd: images only
+    with pytest.raises(ConfigError, match=r"sweep\.metric: eval/fd/ode18 is not logged: eval\.metrics resolves to "
+                                          r"\['energy'\]"):
+        sweep.run(base, config)
+
+
 def test_concurrency_from_resources(toy_shards, tmp_path):
     base, config = sweep.load_sweep(write_sweep(tmp_path / "s.yaml", toy_shards, tmp_path / "run"),
                                     ["train.workers=2"])

@@ -3,7 +3,9 @@
 - step: a TrigFlow diffusion training step against the sCT step of the same network, with each way of computing
   its JVP (DESIGN section 3), for MLP, UNet and DiT presets;
 - data: loader samples/s from local disk against the local S3 server (SeaweedFS), for 1 and 2 loader workers;
-- train: the training loop's steps/s, bare and under Ray Train.
+- train: the training loop's steps/s, bare and under Ray Train;
+- eval: images/s of sample generation and of the feature networks, and evaluation's share of `make demo`'s
+  training time.
 
 The step suite:
 
@@ -208,11 +210,98 @@ def run_train_suite(*, steps: int = 120, batch_size: int = 64, repeats: int = 3)
             "ratio_2_workers_over_1": round(steps_per_s["ray_2_workers"] / steps_per_s["ray_1_worker"], 3)}
 
 
+def _throughput(fns: dict, batch: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """Images per second of each fn() on `batch` images: one untimed call each, then `repeats` rounds of one timed
+    call each, interleaved (so that load from other work affects every variant alike); the median time."""
+    times = {name: [] for name in fns}
+    for i in range(repeats + 1):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    return {name: round(batch / statistics.median(t), 1) for name, t in times.items()}
+
+
+def run_eval_suite(device: torch.device, *, train_steps: int = 400, repeats: int = 5) -> dict:
+    """Evaluation costs (scmlab.eval): images/s of generation (UNet `ci`, 1 and 2 consistency steps, 8x8 digits) and
+    of the feature networks (the digits classifier; Inception-v3 on 8x8 and 32x32 inputs resized to 299), on
+    `device`; then the share of a training run's wall time that evaluation takes at `make demo`'s cadence
+    (jobs/configs/digits-sct-ray.yaml: fd of eval.n samples per sampler every eval.every steps, on its 2 Ray Train
+    CPU workers), from a shortened run of that config (`train_steps` steps, local shards, no tracking): the loop's
+    own step time and the evaluator's own time (`time/eval_s`), projected to the demo's steps."""
+    import os
+    import tempfile
+
+    from . import data
+    from .config import load_config
+    from .eval.classifier import Classifier
+    from .eval.inception import InceptionV3
+    from .eval.training import prepare as prepare_eval
+    from .train.distributed import fit
+    from .train.samples import build_model, generate
+
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "jobs",
+                        "configs", "digits-sct-ray.yaml")
+    with tempfile.TemporaryDirectory(prefix="scmlab-bench-") as tmp:
+        train_url, test_url = os.path.join(tmp, "digits"), os.path.join(tmp, "digits-test")
+        data.prepare("digits", train_url, shard_size=100, progress=False)
+        data.prepare("digits", test_url, shard_size=100, split="test", progress=False)
+        config = load_config(demo, [f"data.train={train_url}", f"eval.test={test_url}", "tracking.kind=none",
+                                    f"run.dir={os.path.join(tmp, 'run')}", "run.storage=''"])
+        manifest = data.read_manifest(train_url)
+        t0 = time.perf_counter()
+        clf = Classifier(train_url, device)
+        classifier_s = time.perf_counter() - t0
+        net = build_model(config, manifest).to(device).eval()
+        batch = config.eval.batch_size
+        noise = torch.randn((batch, *manifest["shape"]), device=device)
+        labels = torch.arange(batch, device=device) % 10
+        throughput = _throughput({
+            "generate_1step": lambda: generate(net, config, noise, steps=1, class_labels=labels),
+            "generate_2step": lambda: generate(net, config, noise, steps=2, class_labels=labels),
+            "classifier_features": lambda: clf(noise.clamp(-1, 1))}, batch, repeats, device)
+        inception = InceptionV3(device=device)
+        small = 128 if device.type == "cuda" else 16
+        x = {size: torch.rand((small, 3, size, size), device=device) * 2 - 1 for size in (8, 32)}
+        throughput.update(_throughput({f"inception_features_{size}px": (lambda v=v: inception(v))
+                                       for size, v in x.items()}, small, repeats, device))
+
+        if device.type == "cpu":  # the demo's cadence: its 2 Ray Train CPU workers
+            os.environ.setdefault("RAY_ADDRESS", "local")
+            c = config.train
+            short = load_config(demo, [f"data.train={train_url}", f"eval.test={test_url}", "tracking.kind=none",
+                                       f"run.dir={os.path.join(tmp, 'run')}", "run.storage=''",
+                                       f"train.steps={train_steps}", f"train.log_every={train_steps // 4}",
+                                       f"train.checkpoint_every={config.eval.every}", "train.sample_every=0"])
+            prepare_eval(short.with_absolute_paths())  # reference statistics made before the run, as drivers do
+            t0 = time.perf_counter()
+            metrics = fit(short, None)["metrics"]
+            wall = time.perf_counter() - t0
+            evals = c.steps // config.eval.every
+            train_s, eval_s = c.steps * metrics["time/step_s"], evals * metrics["time/eval_s"]
+            share = {"demo_steps": c.steps, "eval_every": config.eval.every, "eval_n": config.eval.n,
+                     "samplers": list(config.eval_samplers()), "metrics": config.eval.metrics,
+                     "step_s": round(metrics["time/step_s"], 4), "eval_s": round(metrics["time/eval_s"], 3),
+                     "bench_run_steps": train_steps, "bench_run_wall_s": round(wall, 1),
+                     "eval_share_of_demo_training": round(eval_s / (train_s + eval_s), 4),
+                     "eval_fd_2step_at_bench_end": round(metrics["eval/fd/2step"], 3)}
+        else:
+            share = None
+    return {"suite": "eval", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": batch,
+            "inception_batch": small, "images_per_s": throughput, "classifier_train_s": round(classifier_s, 1),
+            "classifier_held_out_accuracy": clf.info["accuracy"], "demo_cadence": share}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Benchmark a diffusion training step against an sCM step.")
-    p.add_argument("--suite", choices=("step", "data", "train"), default="step",
+    p.add_argument("--suite", choices=("step", "data", "train", "eval"), default="step",
                    help="step: one training step, diffusion vs sCM; data: loader samples/s, local disk vs S3; "
-                        "train: the training loop's steps/s bare vs under Ray Train with 1 and 2 CPU workers")
+                        "train: the training loop's steps/s bare vs under Ray Train with 1 and 2 CPU workers; "
+                        "eval: generation and feature images/s, and evaluation's share of the demo's training time")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--presets", help="comma-separated presets, `arch:size` or a size for every arch that has it "
                                      "(default: those that fit the device, e.g. unet:ci,dit:ci)")
@@ -225,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = run_data_suite()
     elif args.suite == "train":
         result = run_train_suite()
+    elif args.suite == "eval":
+        result = run_eval_suite(torch.device(args.device))
     else:
         result = run_step_suite(torch.device(args.device),
                                 presets=args.presets.split(",") if args.presets else None,

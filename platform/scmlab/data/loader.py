@@ -124,9 +124,8 @@ class _Stream(torch.utils.data.IterableDataset):
                 batch = []
 
     def _collate(self, samples: list[tuple[np.ndarray, int | None]]):
-        x = self.normalizer.to_model(torch.from_numpy(np.stack([x for x, _ in samples])))  # (B, C, H, W) or (B, D)
-        labels = None if samples[0][1] is None else torch.tensor([y for _, y in samples], dtype=torch.long)
-        return x, labels
+        x, labels = _stack(samples)
+        return self.normalizer.to_model(x), labels  # (B, C, H, W) or (B, D)
 
 
 class Loader:
@@ -167,3 +166,25 @@ def make_loader(url: str, *, batch_size: int, seed: int, rank: int = 0, world_si
     stream = _Stream(url, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, start_step=start_step,
                      on_error=on_error)
     return Loader(stream, num_workers, pin_memory)
+
+
+def read_batches(url: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Every sample of the dataset at `url` once, in stored order, in data space (images (B, C, H, W) in [-1, 1],
+    vectors (B, D) in original units), with labels (B,) or None: what evaluation computes reference statistics of."""
+    manifest = read_manifest(url)
+    shape, num_classes = tuple(manifest["shape"]), int(manifest["num_classes"])
+    batch = []
+    for shard, count in shard_list(url, manifest):
+        for sample in read_shard(shard, count):
+            batch.append(decode(sample, shape, num_classes))
+            if len(batch) == batch_size:
+                yield _stack(batch)
+                batch = []
+    if batch:
+        yield _stack(batch)
+
+
+def _stack(samples: list[tuple[np.ndarray, int | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x = torch.from_numpy(np.stack([x for x, _ in samples]))
+    labels = None if samples[0][1] is None else torch.tensor([y for _, y in samples], dtype=torch.long)
+    return x, labels

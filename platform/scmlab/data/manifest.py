@@ -1,7 +1,8 @@
 """manifest.json: what a shard directory holds (count, shape, classes, per-shard checksums, data statistics).
 
 Schema ("format": "scmlab-shards/1"):
-    name, source (what `prepare` read), kind ("image" | "vector"),
+    name, source (what `prepare` read), split ("train", "test"; manifests written before splits lack it: "train"),
+    kind ("image" | "vector"),
     shape (one sample in model space: [C, H, W] or [D]), num_classes (0: unconditional), count, sigma_d,
     shards: [{name, count, sha256, bytes}], stats: {mean, std} (per channel of [-1, 1] pixels for images,
     informational; per dimension in original units for vectors, used by `Normalizer`), card (the resolved card).
@@ -12,6 +13,7 @@ A dataset location (`url`) is a directory or URL prefix holding manifest.json, o
 shards (`dir/name-{000000..000003}.tar`) with manifest.json beside them.
 """
 
+import hashlib
 import json
 
 from .shards import DataError
@@ -26,13 +28,14 @@ def write_manifest(location: str, manifest: dict) -> None:
     write_bytes(join_url(location, MANIFEST), json.dumps(manifest, indent=1).encode())
 
 
-def _base(url: str) -> str:
+def location(url: str) -> str:
+    """The directory or prefix of a dataset URL (a brace pattern of shards stands for the dataset beside them)."""
     return split_url(url)[0] if url.endswith(".tar") else url
 
 
 def read_manifest(url: str) -> dict:
     """The manifest of the dataset at `url`."""
-    where = join_url(_base(url), MANIFEST)
+    where = join_url(location(url), MANIFEST)
     try:
         with open_url(where) as f:
             manifest = json.load(f)
@@ -44,9 +47,18 @@ def read_manifest(url: str) -> dict:
     return manifest
 
 
+def checksum(manifest: dict) -> str:
+    """sha256 of what a dataset holds: its kind, shape, classes and every shard's name and sha256. Whatever is
+    computed from a dataset (reference statistics, the fd classifier) records it, and is recomputed when it
+    changes."""
+    content = {k: manifest.get(k) for k in ("kind", "shape", "num_classes", "count")}
+    content["shards"] = [(s["name"], s["sha256"]) for s in manifest["shards"]]
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def shard_list(url: str, manifest: dict) -> list[tuple[str, int]]:
     """(shard URL, sample count) for every shard `url` names: all of the manifest's, or those of its brace pattern."""
-    base, counts = _base(url), {s["name"]: s["count"] for s in manifest["shards"]}
+    base, counts = location(url), {s["name"]: s["count"] for s in manifest["shards"]}
     names = [split_url(u)[1] for u in expand_url(url)] if url.endswith(".tar") else list(counts)
     unknown = [n for n in names if n not in counts]
     if unknown:

@@ -14,7 +14,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import s3
-from .cards import load_card
+from .cards import TRAIN, load_card
 from .manifest import FORMAT, MANIFEST, write_manifest
 from .raw import Raw
 from .readers import READERS
@@ -177,18 +177,18 @@ def _output(out: str, progress: bool) -> _Directory | _Upload:
 
 
 def prepare(source: str, out: str, *, shard_size: int | None = None, limit: int | None = None,
-            progress: bool = True, options: Mapping | None = None) -> dict:
+            progress: bool = True, options: Mapping | None = None, split: str = TRAIN) -> dict:
     """Write the dataset SOURCE (a card name, a card file, or TYPE:PATH; see scmlab.data.cards) as shards in `out`
-    (a local directory or an s3://bucket/prefix) and return the manifest. `limit` keeps the first samples only;
-    `options` override card fields or reader arguments; `progress` shows progress bars. Bad arguments, cards and
-    source data (a shard size or limit < 1, a name that would leave `out`, non-finite vectors) are refused before
-    `out` is touched. An old manifest in `out` is removed first, so an interrupted run leaves no manifest and
-    cannot be mistaken for a whole dataset; re-running it into object storage uploads only the shards not already
-    stored."""
+    (a local directory or an s3://bucket/prefix) and return the manifest. `split`: `train`, or a split the card
+    lists (`test`), recorded in the manifest. `limit` keeps the first samples only; `options` override card fields
+    or reader arguments; `progress` shows progress bars. Bad arguments, cards and source data (a shard size or
+    limit < 1, a name that would leave `out`, non-finite vectors) are refused before `out` is touched. An old
+    manifest in `out` is removed first, so an interrupted run leaves no manifest and cannot be mistaken for a whole
+    dataset; re-running it into object storage uploads only the shards not already stored."""
     for flag, value in (("--shard-size", shard_size), ("--limit", limit)):
         if value is not None and int(value) < 1:
             raise DataError(f"{flag}: must be >= 1, got {value}")
-    card = load_card(source, options)
+    card = load_card(source, options, split)
     name, shard_size = card["name"], int(shard_size or card["shard_size"])
     reader = dict(card["reader"])
     try:
@@ -217,7 +217,7 @@ def prepare(source: str, out: str, *, shard_size: int | None = None, limit: int 
                 output.add(shard, sha256, size)
                 shards.append({"name": shard, "count": min(shard_size, n - start), "sha256": sha256, "bytes": size})
         manifest = {
-            "format": FORMAT, "name": name, "source": source, "kind": kind,
+            "format": FORMAT, "name": name, "source": source, "split": split, "kind": kind,
             "shape": [first.shape[2], first.shape[0], first.shape[1]] if kind == "image" else list(first.shape),
             "num_classes": num_classes, "count": n, "sigma_d": float(card["sigma_d"]), "shards": shards,
             "stats": moments.stats(), "card": card,

@@ -119,13 +119,29 @@ def _cifar_batch(f, where: str) -> dict:
     return batch
 
 
-def digits() -> Raw:
-    """scikit-learn's 8x8 digits (1797 images, 10 classes); pixel values 0..16 scaled to 0..255."""
+DIGITS_TEST = 297  # held out: 1500 train images remain
+
+
+def digits_test_index() -> np.ndarray:
+    """The held-out digits: DIGITS_TEST indices of the 1797, drawn once at random with seed 0 (sorted), so that test
+    and train come from the same writers and the same collection (a real-vs-real floor, not a shift)."""
+    return np.sort(np.random.default_rng(0).permutation(1797)[:DIGITS_TEST])
+
+
+def digits(split: str = "train") -> Raw:
+    """scikit-learn's 8x8 digits (1797 images, 10 classes); pixel values 0..16 scaled to 0..255. There is no published
+    split of this copy (it is UCI's test set): `test` is a fixed random slice of DIGITS_TEST images
+    (`digits_test_index`), `train` the other 1500, `all` the 1797; each in stored order."""
     from sklearn.datasets import load_digits
 
+    test = np.zeros(1797, bool)
+    test[digits_test_index()] = True
+    slices = {"train": ~test, "test": test, "all": np.ones(1797, bool)}
+    if split not in slices:
+        raise DataError(f"digits: split must be one of {list(slices)}, got {split!r}")
     data = load_digits()
     x = np.round(data.images * (255 / 16)).astype(np.uint8)[..., None]  # (N, 8, 8) -> (N, 8, 8, 1)
-    return Raw(x, data.target.astype(np.int64), 10)
+    return Raw(x[slices[split]], data.target.astype(np.int64)[slices[split]], 10)
 
 
 class ImageFiles(Sequence):

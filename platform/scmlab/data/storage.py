@@ -59,8 +59,8 @@ def open_url(url: str) -> BinaryIO:
 
 
 def write_bytes(url: str, data: bytes) -> None:
-    """Store `data` at `url` whole or not at all: a local file is written to a temporary name, synced and renamed;
-    an s3:// object is one PUT."""
+    """Store `data` at `url` whole or not at all: a local file is written to a temporary name (its directory made
+    if missing), synced and renamed; an s3:// object is one PUT."""
     path = file_path(url)
     if path is None:
         if urlparse(url).scheme != "s3":
@@ -68,6 +68,7 @@ def write_bytes(url: str, data: bytes) -> None:
         s3.put_bytes(url, data)
         return
     tmp = path + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -14,10 +14,12 @@ objective, network and data shape. Otherwise a mistake (a diffusion teacher's ru
 fail to load or train on as another run, its checkpoints pruned by `keep_checkpoints`.
 """
 
+import io
 import logging
 import os
 import re
 import tempfile
+from urllib.parse import urlparse
 
 import torch
 
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 _RAY_NAME = re.compile(r"^step-(\d{9})$")
-RAY_FILE = "checkpoint.pt"  # in each Ray Train checkpoint directory
+RAY_FILE = "checkpoint.pt"  # the file in each Ray Train checkpoint directory (scmlab.train.distributed)
 # Config fields that make a checkpoint another network or another task (with the data's shape and classes).
 IDENTITY = ("objective.kind", "model.arch", "model.size", "model.time_embedding", "model.double_norm",
             "model.guidance_input")
@@ -82,7 +84,10 @@ def latest(run_dir: str) -> str | None:
 
 
 def resolve(path: str) -> str:
-    """A checkpoint file, or a run directory standing for its latest checkpoint."""
+    """A checkpoint file, a run directory standing for its latest checkpoint, or a Ray Train checkpoint directory
+    (holding RAY_FILE)."""
+    if os.path.isfile(os.path.join(path, RAY_FILE)):
+        return os.path.join(path, RAY_FILE)
     if os.path.isdir(path):
         found = latest(path)
         if found is None:
@@ -94,7 +99,14 @@ def resolve(path: str) -> str:
 
 
 def load(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint file or the latest one of a run directory."""
+    """Load a checkpoint file, the latest one of a run directory, or one in object storage: an s3:// URI of a Ray
+    Train checkpoint directory (`run.storage/run.name/step-NNNNNNNNN`) or of a checkpoint file."""
+    if urlparse(path).scheme == "s3":
+        from ..data import open_url
+
+        url = path if path.endswith(".pt") else path.rstrip("/") + "/" + RAY_FILE
+        with open_url(url) as f:
+            return torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=True)
     return torch.load(resolve(path), map_location=map_location, weights_only=True)
 
 

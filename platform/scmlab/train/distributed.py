@@ -97,7 +97,9 @@ class RayCheckpoints:
                 report = ray.train.Checkpoint.from_directory(directory)
             # Every rank, the same number of times: a barrier. Ray registers the checkpoint once it is whole in
             # storage, so an upload cut short is never the one a restart resumes from.
-            ray.train.report({"step": step, **{k: v for k, v in metrics.items() if k == "loss/mean"}},
+            # loss/mean for ASHA; eval/ scores for CheckpointConfig's checkpoint_score_attribute (eval.best)
+            ray.train.report({"step": step, **{k: v for k, v in metrics.items()
+                                               if k == "loss/mean" or k.startswith("eval/")}},
                              checkpoint=report, checkpoint_dir_name=name)
         self.latest = f"{self.run_uri}/{name}"
         return self.latest
@@ -145,10 +147,23 @@ def use_gpu(config: Config) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def checkpoint_config(config: Config):
+    """train.keep_checkpoints checkpoints: the newest, or with eval.best the best scored (lowest) ones. Ray never
+    deletes the latest checkpoint, which a restart resumes from (Ray 2.60's CheckpointManager keeps
+    `latest_checkpoint_result` out of the deletions and hands it to the restarted workers)."""
+    from ray.train import CheckpointConfig
+
+    keep = config.train.keep_checkpoints or None
+    if not config.eval.best:
+        return CheckpointConfig(num_to_keep=keep)
+    return CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=config.eval.best,
+                            checkpoint_score_order="min")
+
+
 def trainer(config: Config, target: dict | None, callbacks=()):
     """The TorchTrainer of a run (config.run.dir already absolute): `worker` on train.workers processes, storage,
     checkpoint retention and restarts from the config. `target` is the MLflow run (mlflow_run.Target as a dict)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage_path, filesystem, run_uri = location(config)
@@ -163,7 +178,7 @@ def trainer(config: Config, target: dict | None, callbacks=()):
                                      resources_per_worker={"CPU": config.train.cpus_per_worker}),
         run_config=RunConfig(
             name=config.run.name, storage_path=storage_path, storage_filesystem=filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints or None),
+            checkpoint_config=checkpoint_config(config),
             failure_config=FailureConfig(max_failures=config.train.max_failures), callbacks=list(callbacks)),
     )
 

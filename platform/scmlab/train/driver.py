@@ -1,8 +1,9 @@
 """The driver of a training run (`scmlab train`, jobs/train.py): everything that happens once per run, around the
 loop. In order: check the inputs (before any worker or MLflow run exists, so a bad config, a missing dataset or a
-run directory holding another run costs nothing and names the field, URL or checkpoint), take the run's lock (one
-driver per run directory and Ray run: scmlab.train.lock), resolve the MLflow run, train in this process
-(train.workers = 0) or on Ray Train workers (scmlab.train.distributed), log the final EMA weights as an MLflow model.
+run directory holding another run costs nothing and names the field, URL or checkpoint), make what evaluation reads
+(scmlab.eval.training.prepare), take the run's lock (one driver per run directory and Ray run: scmlab.train.lock),
+resolve the MLflow run, train in this process (train.workers = 0) or on Ray Train workers (scmlab.train.distributed),
+log the final EMA weights as an MLflow model.
 """
 
 import dataclasses
@@ -10,6 +11,7 @@ import functools
 import logging
 
 from ..config import Config
+from ..eval.training import prepare as prepare_eval
 from . import checkpoint, lock, mlflow_run
 from .loop import check_inputs, train
 
@@ -32,6 +34,7 @@ def run(config: Config, *, progress: bool = False) -> dict:
     for directory in directories:  # the loop checks the checkpoint it restores too (an s3:// Ray run)
         if stored := checkpoint.peek(directory):
             checkpoint.check_resume(stored[0], config, manifest, stored[1])
+    prepare_eval(config)  # the fd classifier and reference statistics, made once here rather than on a worker
     with lock.held(config):  # one driver per run at a time
         return _run(config, manifest, run_key, progress)
 

@@ -22,7 +22,7 @@ from ..ema import EMA
 from ..objectives import DiffusionLoss, SCMLoss
 from ..tracking import NullTracker
 from . import checkpoint
-from .samples import build_model, ema_model, generate, save_grid
+from .samples import build_model, class_labels, ema_model, sample_data, save_grid
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,8 @@ def init_from_teacher(net: torch.nn.Module, teacher: torch.nn.Module, path: str)
 
 def check_inputs(config: Config) -> dict:
     """What can be checked before any worker starts: the dataset is there (its manifest reads), its sigma_d is the
-    objective's, it has classes if the teacher is to be guided, the teacher checkpoint exists. Returns the manifest.
-    Errors name the field or URL."""
+    objective's, it has classes if the teacher is to be guided, the teacher checkpoint exists, evaluation can score
+    this data. Returns the manifest. Errors name the field or URL."""
     manifest = data.read_manifest(config.data.train)
     if float(manifest["sigma_d"]) != config.objective.sigma_d:  # vectors were normalized to the dataset's sigma_d
         raise ConfigError(f"objective.sigma_d: {config.objective.sigma_d} differs from the dataset's sigma_d "
@@ -116,6 +116,10 @@ def check_inputs(config: Config) -> dict:
             checkpoint.resolve(config.objective.teacher)
         except FileNotFoundError as e:
             raise ConfigError(f"objective.teacher: {e}") from None
+    if config.eval.every:
+        from ..eval.training import check
+
+        check(config, manifest)
     return manifest
 
 
@@ -163,6 +167,7 @@ def train(config: Config, *, rank: int = 0, world_size: int = 1, wrap=None, prog
         log.info("resumed at step %d", state["step"])
     run = (tracker or (lambda run_id: NullTracker()))(resumed and resumed.get("mlflow_run_id")) if rank == 0 \
         else NullTracker()
+    evaluator = _evaluator(config, manifest, rank, world_size, device, resumed)
     del resumed  # the loaded tensors: the model, EMA and optimizer hold copies now
     with run:
         if rank == 0:
@@ -180,11 +185,23 @@ def train(config: Config, *, rank: int = 0, world_size: int = 1, wrap=None, prog
                 run.log_metrics({"train/resumed_from": state["step"]}, step=state["step"])
         return _steps(config, rank=rank, world_size=world_size, model=wrap(net) if wrap is not None else net,
                       net=net, ema=ema, optimizer=optimizer, teacher=teacher, manifest=manifest, state=state,
-                      store=store, run=run, device=device, amp=amp, local_batch=local_batch, progress=progress)
+                      store=store, run=run, device=device, amp=amp, local_batch=local_batch, progress=progress,
+                      evaluator=evaluator)
+
+
+def _evaluator(config: Config, manifest: dict, rank: int, world_size: int, device, resumed: dict | None):
+    """The sample-quality hook of the `eval` section (scmlab.eval.training), or None when eval.every is 0."""
+    if not config.eval.every:
+        return None
+    from ..eval.training import TrainingEval
+
+    evaluator = TrainingEval(config, manifest, rank=rank, world_size=world_size, device=device)
+    evaluator.load_state_dict((resumed or {}).get("eval"))
+    return evaluator
 
 
 def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teacher, manifest, state, store, run,
-           device, amp, local_batch, progress) -> dict:
+           device, amp, local_batch, progress, evaluator) -> dict:
     """The step loop of `train`, from state["step"] to train.steps."""
     cfg, run_dir = config.train, config.run.dir
     objective = build_objective(config, teacher)
@@ -199,7 +216,8 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
     def snapshot() -> dict:
         return {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "step": state["step"], "bad_steps": state["bad_steps"], "config": config.to_dict(),
-                "manifest": manifest, "mlflow_run_id": run.run_id}
+                "manifest": manifest, "mlflow_run_id": run.run_id,
+                "eval": evaluator.state_dict() if evaluator is not None else None}
 
     summary = {"step": state["step"], "checkpoint": store.last(), "metrics": {}, "samples": None,
                "mlflow_run_id": run.run_id}
@@ -287,12 +305,16 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
                 log.info("step %d %s", state["step"], " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
                 bar.set_postfix(loss=_fmt(metrics.get("loss/mean", float("nan"))))
                 run.log_metrics(metrics, step=state["step"])
+        if evaluator is not None and evaluator.due(state["step"], done):
+            summary["metrics"] = {**summary["metrics"], **evaluator(ema.module, state["step"], run)}
         if state["step"] % cfg.checkpoint_every == 0 or done:
             _refuse_nonfinite(net, ema, optimizer, state["step"], store, device, distributed)
             uri = store.save(snapshot, state["step"], summary["metrics"])
             if rank == 0:
                 summary["checkpoint"] = uri
                 run.set_tags({"checkpoint.latest": uri, "checkpoint.latest_step": str(state["step"])})
+            if evaluator is not None:
+                evaluator.saved(state["step"], uri, run)
         if rank == 0 and cfg.sample_every and (state["step"] % cfg.sample_every == 0 or done):
             summary["samples"] = write_grid(config, ema.module, manifest, state["step"], device)
             run.log_image(summary["samples"], "samples", step=state["step"])
@@ -338,13 +360,12 @@ def write_grid(config: Config, net: torch.nn.Module, manifest: dict, step: int, 
     n = GRID_IMAGES if manifest["kind"] == "image" else GRID_VECTORS
     generator = torch.Generator(device=device).manual_seed(config.train.seed)
     noise = torch.randn((n, *manifest["shape"]), generator=generator, device=device)
-    num_classes = int(manifest.get("num_classes", 0))
-    labels = torch.arange(n, device=device) % num_classes if num_classes else None
+    labels = class_labels(n, int(manifest.get("num_classes", 0)), device)
     was_training = net.training
     net.eval()
-    x = generate(net, config, noise, steps=config.train.sample_steps, class_labels=labels, generator=generator)
+    samples = sample_data(net, config, manifest, noise, steps=config.train.sample_steps, class_labels=labels,
+                          generator=generator).cpu().numpy()
     net.train(was_training)
-    samples = data.Normalizer(manifest).to_data(x.float().cpu()).numpy()
     os.makedirs(os.path.join(config.run.dir, "samples"), exist_ok=True)
     path = os.path.join(config.run.dir, "samples", f"step-{step:09d}.png")
     save_grid(samples, path, manifest["kind"])

@@ -27,14 +27,12 @@ class EMASampler(PythonModel):
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         import torch
 
-        from scmlab.data import Normalizer
-        from scmlab.train.samples import generate
+        from scmlab.train.samples import class_labels, sample_data
 
         noise = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-        num_classes = int(self.manifest.get("num_classes", 0))
-        labels = torch.arange(noise.shape[0]) % num_classes if num_classes else None
-        x = generate(self.net, self.config, noise, class_labels=labels, generator=torch.Generator().manual_seed(0))
-        return Normalizer(self.manifest).to_data(x.float()).numpy()
+        labels = class_labels(noise.shape[0], int(self.manifest.get("num_classes", 0)))
+        return sample_data(self.net, self.config, self.manifest, noise, class_labels=labels,
+                           generator=torch.Generator().manual_seed(0)).numpy()
 
 
 mlflow.models.set_model(EMASampler())

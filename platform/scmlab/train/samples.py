@@ -1,9 +1,9 @@
 """Sampling from trained weights, and sample grids as PNG: shared by the training loop and `scmlab sample`.
 
 sCT / sCD students sample with multistep consistency sampling (2 steps: t_max, then 1.1); diffusion models by
-integrating the PF-ODE (Heun). Samples come out in model space; `scmlab.data.Normalizer` maps them to data space.
-A guidance scale goes to a class-conditional diffusion model as classifier-free guidance, and to an sCD student
-with a guidance input as that input.
+integrating the PF-ODE (Heun). `generate` returns samples in model space, `sample_data` in data space (what
+`scmlab sample` writes and evaluation scores). A guidance scale goes to a class-conditional diffusion model as
+classifier-free guidance, and to an sCD student with a guidance input as that input.
 """
 
 import logging
@@ -14,14 +14,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from .. import sampling
-from ..config import Config, net_config
+from ..config import SAMPLE_STEPS, Config, net_config
+from ..data import Normalizer
 from ..nets import build_net
 
 log = logging.getLogger(__name__)
-
-# 18 Heun steps = 35 network evaluations (the last step, to t = 0, is Euler): EDM's CIFAR-10 sampler, the paper's
-# teacher sampler (App. G.1).
-DEFAULT_STEPS = {"diffusion": 18, "sct": 2, "scd": 2}
 
 
 def build_model(config: Config, manifest: dict) -> torch.nn.Module:
@@ -57,7 +54,7 @@ def generate(net, config: Config, noise: torch.Tensor, *, steps: int | None = No
     """Samples in model space from standard-normal `noise` (B, ...); steps=None takes the kind's default, guidance
     (see guidance_scale) the run's."""
     kind, sigma_d = config.objective.kind, config.objective.sigma_d
-    steps = steps or DEFAULT_STEPS[kind]
+    steps = steps or SAMPLE_STEPS[kind]
     w = guidance_scale(config, net.num_classes if class_labels is not None else 0, guidance)
     if kind == "diffusion":
         return sampling.pf_ode_sample(net, noise, sigma_d=sigma_d, num_steps=steps, class_labels=class_labels,
@@ -66,6 +63,19 @@ def generate(net, config: Config, noise: torch.Tensor, *, steps: int | None = No
         if config.model.guidance_input else None
     return sampling.consistency_sample(net, noise, sigma_d=sigma_d, times=sampling.consistency_times(steps, sigma_d),
                                        class_labels=class_labels, guidance=inputs, generator=generator)
+
+
+def class_labels(n: int, num_classes: int, device=None, start: int = 0) -> torch.Tensor | None:
+    """The default labels of samples start .. start + n - 1: 0, 1, ..., num_classes - 1, 0, ... (None when the model
+    is unconditional), so that every class is drawn equally often."""
+    return torch.arange(start, start + n, device=device) % num_classes if num_classes else None
+
+
+def sample_data(net, config: Config, manifest: dict, noise: torch.Tensor, **kwargs) -> torch.Tensor:
+    """`generate` (same arguments) mapped to data space, float32 on the noise's device: images clipped to the pixel
+    range [-1, 1], vectors in original units (de-normalized with the manifest's statistics)."""
+    x = Normalizer(manifest).to_data(generate(net, config, noise, **kwargs).float())
+    return x.clamp(-1, 1) if manifest["kind"] == "image" else x
 
 
 def save_grid(samples: np.ndarray, path: str, kind: str) -> None:

@@ -32,7 +32,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 
-from ..config import Config, _check, _coerce, _one_of, _reject_unknown, apply_overrides
+from ..config import Config, ConfigError, _check, _coerce, _one_of, _reject_unknown, apply_overrides
 from ..tracking import MLflowTracker, ensure_experiment
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ SWEEP_TAG = "scmlab.sweep"
 TRIAL_TAG = "scmlab.trial"
 RESULTS, FIT = "results.csv", "fit.json"
 ASHA_METRIC = "loss/mean"  # what scmlab.train.distributed.RayCheckpoints reports to Train (and so to Tune)
+EVAL_FIT = ("fid", "fd", "energy", "swd")  # eval keys a law can be fitted to: positive, lower is better
 
 
 class SweepFailed(RuntimeError):
@@ -59,8 +60,8 @@ class SweepConfig:
     """train.seed values (repeats of every size x lr); empty = the base's train.seed only."""
     metric: str = "loss/mse"
     """The logged metric whose final value the law is fitted to. It must be positive: `loss/mse` (the unweighted
-    diffusion loss), or `loss/mean` with objective.adaptive_weight=false (the adaptive-weighted loss can be
-    negative)."""
+    diffusion loss), `loss/mean` with objective.adaptive_weight=false (the adaptive-weighted loss can be
+    negative), or an eval score `eval/<fid|fd|energy|swd>/<sampler>` (needs eval.every > 0)."""
     scheduler: str = "fifo"
     """`fifo`: every trial to train.steps (the scaling grid); `asha`: stop poor learning rates early, for
     learning-rate pre-sweeps only (stopping small models early biases a scaling fit). ASHA ranks trials by the
@@ -116,10 +117,23 @@ class SweepConfig:
             _check(base.objective.kind == "diffusion",
                    f"sweep.metric: loss/mse is logged by objective.kind=diffusion only, not {base.objective.kind}; "
                    "use sweep.metric=loss/mean with objective.adaptive_weight=false")
+        elif self.metric.startswith("eval/"):
+            parts = self.metric.split("/")
+            _check(len(parts) == 3 and parts[1] in EVAL_FIT,
+                   f"sweep.metric: {self.metric!r} is not a positive eval score of which lower is better: "
+                   f"eval/<{'|'.join(EVAL_FIT)}>/<sampler>, e.g. eval/fd/2step (kid, an unbiased estimate, can be "
+                   "negative)")
+            _check(base.eval.every > 0, f"sweep.metric: {self.metric} is logged by evaluations; set eval.every > 0 "
+                                        f"(e.g. eval.every={base.train.steps}: once, at the end)")
+            samplers = base.eval_samplers()
+            _check(parts[2] in samplers, f"sweep.metric: {self.metric} names sampler {parts[2]!r}, but eval.steps "
+                                         f"scores {', '.join(samplers)} for objective.kind={base.objective.kind}")
+            _check(not base.eval.metrics or parts[1] in base.eval.metrics,
+                   f"sweep.metric: {self.metric} is not logged: eval.metrics is {base.eval.metrics}; add {parts[1]}")
         else:
             _check(self.metric.startswith("loss/bin"),
-                   f"sweep.metric: {self.metric!r} is not a positive training metric; use loss/mse (diffusion) or "
-                   "loss/mean (with objective.adaptive_weight=false)")
+                   f"sweep.metric: {self.metric!r} is not a positive training metric; use loss/mse (diffusion), "
+                   "loss/mean (with objective.adaptive_weight=false) or an eval score (eval/fd/2step)")
 
     def grid(self, base: Config) -> list["Trial"]:
         seeds = self.seeds or [base.train.seed]
@@ -194,11 +208,17 @@ def run(base: Config, sweep: SweepConfig) -> dict:
     """Run the sweep to the end (resuming a recorded one) and fit the law. Returns {"trials": names trained now,
     "reused": names found recorded, "results": path of the table, "fit": the fit summary (see `analyse`),
     "mlflow_run_id" and "mlflow_url": the parent run (the URL None without a tracking server)}."""
+    from ..eval.training import metrics as eval_metrics
+    from ..eval.training import prepare as prepare_eval
     from ..train import lock
     from ..train.loop import check_inputs
 
     base = base.with_absolute_paths()  # the same meaning in every trial and on every worker as here
     manifest = check_inputs(base)
+    if sweep.metric.startswith("eval/") and sweep.metric.split("/")[1] not in eval_metrics(base, manifest):
+        raise ConfigError(f"sweep.metric: {sweep.metric} is not logged: eval.metrics resolves to "
+                          f"{eval_metrics(base, manifest)} for this data; set eval.metrics")
+    prepare_eval(base)  # the classifier and reference statistics, once, before the trials read them
     grid = sweep.grid(base)
     configs = {t.name: trial_config(base, t) for t in grid}
     accounting = {size: compute(next(configs[t.name] for t in grid if t.size == size), manifest)
