@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from unittest import mock
 
+import psutil
 import pytest
 
 from scmlab import data, services
@@ -129,6 +130,22 @@ def ray_cluster(local_services, tmp_path_factory):
         _kill_group(head.pid)
 
 
+def ray_workers(ray_cluster) -> list[psutil.Process]:
+    """The Ray Train worker processes of the session's Ray (its processes carry its temp dir in no argument, but they
+    descend from its raylet, which does)."""
+    raylets = [p for p in psutil.process_iter(["name", "cmdline"])
+               if p.info["name"] == "raylet" and any(ray_cluster["temp_dir"] in a for a in p.info["cmdline"] or [])]
+    found = []
+    for raylet in raylets:
+        for child in raylet.children(recursive=True):
+            try:
+                if "RayTrainWorker" in " ".join(child.cmdline()) + child.name():
+                    found.append(child)
+            except psutil.Error:
+                pass
+    return found
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -137,7 +154,6 @@ def _free_port() -> int:
 
 def _kill_group(pgid: int) -> None:
     """SIGTERM the processes of a process group, SIGKILL what is left after 10 s."""
-    import psutil
 
     def members():
         found = []

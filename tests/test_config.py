@@ -3,6 +3,7 @@ README stay in sync (the paper's values in the presets: test_presets.py)."""
 
 import dataclasses
 import glob
+import json
 import math
 import os
 import re
@@ -31,6 +32,11 @@ def load(*overrides):
     ("optim.betas=[0.9]", "optim.betas: must be two numbers"),
     ("optim.schedule=inv_sqrt", "optim.t_ref: must be > 0 with optim.schedule=inv_sqrt"),
     ("train.precision=fp16", "train.precision: 'fp16' is not one of auto, fp32, bf16"),
+    ("optim.lr=.inf", "optim.lr: expected a finite number, got inf"),
+    ("objective.P_mean=.nan", "objective.P_mean: expected a finite number, got nan"),
+    ("train.ema_half_life=-.inf", "train.ema_half_life: expected a finite number, got -inf"),
+    ("optim.betas=[0.9,.nan]", "optim.betas[1]: expected a finite number, got nan"),
+    ("optim.grad_clip=inf", "optim.grad_clip: expected a finite number, got 'inf'"),
     ("optim.eps=0", "optim.eps: must be > 0"),
     ("objective.guidance_max=0.5", "objective.guidance_max: must be >= 1"),
     ("model.dropout_max_res=0", "model.dropout_max_res: must be >= 1 or null"),
@@ -175,3 +181,27 @@ def test_readme_documents_every_key():
     documented = set(re.findall(r"^\| `(\w+\.\w+)` \|", readme, flags=re.M))
     keys = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
     assert keys == documented
+
+
+def test_paths_resolve_against_the_working_directory_and_a_job_refuses_relative_outputs(tmp_path, monkeypatch):
+    """Relative paths mean the driver's working directory; in a job submitted with --working-dir (Ray's unpacked copy
+    of it) relative inputs still do, but a relative output is refused, naming the field."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    model = {"arch": "mlp", "size": "tiny"}
+    config = Config.from_dict({"data": {"train": "shards/toy"}, "model": model,
+                               "run": {"dir": "runs/a", "storage": "s3://b/ray"},
+                               "tracking": {"uri": "sqlite:///mlflow.db"}}).with_absolute_paths()
+    assert (config.data.train, config.run.dir) == (str(tmp_path / "shards/toy"), str(tmp_path / "runs/a"))
+    assert (config.run.storage, config.tracking.uri) == ("s3://b/ray", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}  # as Ray's job supervisor sets it
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    inputs = {"data": {"train": "shards/toy"}, "model": model, "run": {"dir": str(tmp_path / "runs/a")}}
+    assert Config.from_dict(inputs).with_absolute_paths().data.train == str(tmp_path / "shards/toy")
+    for field, value in (("run.dir", "runs/a"), ("run.storage", "ray"), ("tracking.uri", "sqlite:///mlflow.db")):
+        section, key = field.split(".")
+        d = {**inputs, section: {**inputs.get(section, {}), key: value}}
+        with pytest.raises(ConfigError, match=rf"{field}: '.*' is relative, and this Ray job runs in Ray's unpacked "
+                                              rf"copy of --working-dir \(gcs://_ray_pkg_1.zip = {tmp_path}\)"):
+            Config.from_dict(d).with_absolute_paths()

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import subprocess
 import tarfile
 
@@ -318,19 +319,25 @@ def test_prepare_folder_sources_and_card(tmp_path):
     assert (m["shape"], [s["count"] for s in m["shards"]]) == ([1, 4, 4], [4, 2])
 
 
+def _cifar_archive(path, batches: dict) -> str:
+    """A cifar-10-python.tar.gz with the given {member name: pickled bytes}."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, payload in batches.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return str(path)
+
+
 def test_prepare_cifar10_archive(tmp_path):
     rng = np.random.default_rng(0)
     batches = {f"data_batch_{i}": rng.integers(0, 256, (3, 3072), dtype=np.uint8) for i in range(1, 6)}
     batches["test_batch"] = rng.integers(0, 256, (2, 3072), dtype=np.uint8)
-    archive = tmp_path / "cifar-10-python.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for name, rows in batches.items():
-            payload = pickle.dumps({b"batch_label": name.encode(), b"data": rows,
-                                    b"labels": [int(k) for k in rng.integers(0, 10, len(rows))]}, protocol=2)
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    m = prepare("cifar10", str(tmp_path / "out"), progress=False, options={"path": str(archive)})
+    archive = _cifar_archive(tmp_path / "cifar-10-python.tar.gz", {
+        name: pickle.dumps({b"batch_label": name.encode(), b"data": rows,
+                            b"labels": [int(k) for k in rng.integers(0, 10, len(rows))]}, protocol=2)
+        for name, rows in batches.items()})
+    m = prepare("cifar10", str(tmp_path / "out"), progress=False, options={"path": archive})
     assert (m["shape"], m["count"], m["num_classes"]) == ([3, 32, 32], 15, 10)
     samples = _all_samples(str(tmp_path / "out"))
     second = batches["data_batch_2"][1].reshape(3, 32, 32)  # sample 4: R, G, B planes
@@ -341,6 +348,88 @@ def test_prepare_cifar10_archive(tmp_path):
                                   batches["test_batch"][1].reshape(3, 32, 32))
     with pytest.raises(DataError, match="download cifar-10-python|Download cifar-10-python"):
         prepare("cifar10", str(tmp_path / "o"), progress=False, options={"path": str(tmp_path / "none.tar.gz")})
+
+
+class _Gadget:
+    """Unpickled by a plain pickle.load, it runs a shell command."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_cifar10_pickle_gadget_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    rows = np.zeros((2, 3072), np.uint8)
+    batches = {f"data_batch_{i}": pickle.dumps({b"data": rows, b"labels": [0, 1]}) for i in range(1, 6)}
+    for member, payload in (("data_batch_3", {b"data": _Gadget(f"touch {marker}"), b"labels": [0, 1]}),
+                            ("data_batch_1", {b"data": rows, b"labels": _Gadget(f"touch {marker}")})):
+        archive = _cifar_archive(tmp_path / "crafted.tar.gz", {**batches, member: pickle.dumps(payload, protocol=2)})
+        with pytest.raises(DataError, match=f"{member}: not a CIFAR-10 batch: global posix.system is not allowed"):
+            prepare(f"cifar10:{archive}", str(tmp_path / "out"), progress=False)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    # Well-formed pickles of other shapes are refused with what was expected.
+    archive = _cifar_archive(tmp_path / "odd.tar.gz", {**batches, "data_batch_2": pickle.dumps(
+        {b"data": rows[:, :100], b"labels": [0, 1]})})
+    with pytest.raises(DataError, match=r"data_batch_2: b'data' must be an \(N, 3072\) uint8 array"):
+        prepare(f"cifar10:{archive}", str(tmp_path / "out"), progress=False)
+
+
+def test_a_crafted_checkpoint_is_refused_by_a_torch_whose_weights_only_is_safe(tmp_path):
+    """Checkpoints (a teacher, a resumed run) load with torch.load(weights_only=True), which torch < 2.6 let a
+    crafted file bypass: pyproject requires torch>=2.6, and a checkpoint carrying a pickle gadget is refused."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from scmlab.train import checkpoint
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")) as f:
+        pyproject = f.read()
+    torch_requirement = Requirement(re.search(r'"(torch[<>=!~][^"]*)"', pyproject).group(1))
+    assert not torch_requirement.specifier.contains("2.5.1") and torch_requirement.specifier.contains("2.6.0")
+    assert Version(torch.__version__.split("+")[0]) >= Version("2.6")
+    marker = tmp_path / "pwned"
+    torch.save({"step": 1, "model": _Gadget(f"touch {marker}")}, tmp_path / "step-000000001.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        checkpoint.load(str(tmp_path / "step-000000001.pt"))
+    assert not marker.exists()
+
+
+def _snapshot(root) -> dict:
+    """{relative path: bytes} of every file under root."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_bad_prepare_input_is_refused_before_anything_is_written(tmp_path, caplog):
+    from scmlab import cli
+
+    out = tmp_path / "out"
+    prepare("toy-gmm", str(out), shard_size=100, limit=200, progress=False)
+    rows = np.ones((4, 2))
+    for name, bad in (("nan", np.nan), ("inf", -np.inf), ("huge", 1e300)):  # 1e300: inf as float32
+        rows[2, 1] = bad
+        np.save(tmp_path / f"{name}.npy", rows)
+    for name, card_name in (("escape", "../x"), ("absolute", str(tmp_path / "x"))):
+        (tmp_path / f"{name}.yaml").write_text(f"name: {card_name}\nreader: {{type: gmm, count: 10}}\n")
+    before = _snapshot(tmp_path)
+    for kwargs, message in (
+            ({"source": "toy-gmm", "shard_size": -1}, "--shard-size: must be >= 1, got -1"),
+            ({"source": "toy-gmm", "shard_size": 0}, "--shard-size: must be >= 1, got 0"),
+            ({"source": "toy-gmm", "limit": -1}, "--limit: must be >= 1, got -1"),
+            ({"source": str(tmp_path / "escape.yaml")}, "name '../x' must be a plain file name prefix"),
+            ({"source": str(tmp_path / "absolute.yaml")}, f"name '{tmp_path / 'x'}' must be a plain file name"),
+            ({"source": "toy-gmm", "options": {"name": "/etc/x"}}, "name '/etc/x' must be a plain file name"),
+            ({"source": "toy-gmm", "options": {"sigma_d": float("nan")}}, "sigma_d a finite number > 0"),
+            *(({"source": f"npy:{tmp_path / name}.npy"}, f"{name}.npy: row 2 (and 0 more) holds NaN or Inf")
+              for name in ("nan", "inf", "huge"))):
+        for where in (out, tmp_path / "new"):
+            with pytest.raises(DataError, match=re.escape(message)):
+                prepare(out=str(where), progress=False, **kwargs)
+    assert cli.main(["prepare", "toy-gmm", "--out", str(out), "--limit", "-1"]) == 2
+    assert "--limit: must be >= 1, got -1" in caplog.text
+    assert _snapshot(tmp_path) == before and not (tmp_path / "new").exists()
 
 
 def test_prepare_fashion_mnist_limit(tmp_path):

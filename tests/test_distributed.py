@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import RAY_SECRET, client_env
+from conftest import RAY_SECRET, client_env, ray_workers
 from mlflow import MlflowClient
 
 from scmlab import services
@@ -34,22 +34,6 @@ pytestmark = pytest.mark.ray
 
 def tracked(local_services, experiment: str) -> dict:
     return {"kind": "mlflow", "uri": local_services["mlflow"]["tracking_uri"], "experiment": experiment}
-
-
-def ray_workers(ray_cluster) -> list[psutil.Process]:
-    """The Ray Train worker processes of the session's Ray (its processes carry its temp dir in no argument, but they
-    descend from its raylet, which does)."""
-    raylets = [p for p in psutil.process_iter(["name", "cmdline"])
-               if p.info["name"] == "raylet" and any(ray_cluster["temp_dir"] in a for a in p.info["cmdline"] or [])]
-    found = []
-    for raylet in raylets:
-        for child in raylet.children(recursive=True):
-            try:
-                if "RayTrainWorker" in " ".join(child.cmdline()) + child.name():
-                    found.append(child)
-            except psutil.Error:
-                pass
-    return found
 
 
 def test_bad_config_or_missing_data_fail_before_ray_starts(local_services, toy_shards, make_config, tmp_path,

@@ -4,7 +4,6 @@ Exact references: the closed-form Gaussian models of tests/gaussian.py, torch.fu
 differences along the trajectory x_t(t) = cos t x0 + sin t z.
 """
 
-import math
 import socket
 
 import pytest

@@ -124,6 +124,69 @@ def test_credentials_stay_in_their_file(local_services, caplog):
         assert not any(s.decode() in cmdline for s in secrets)
 
 
+def _https(port: int, path: str, home=None):
+    """(status, body) of GET https://127.0.0.1:port/path, presenting the home's client certificate when given."""
+    import ssl
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=str(home / "tls" / "ca.crt")) if home else \
+        ssl._create_unverified_context()
+    if home:
+        context.load_cert_chain(home / "tls" / "node.crt", home / "tls" / "node.key")
+    try:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}{path}", timeout=5, context=context) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_store_answers_only_s3_with_credentials_and_the_home_is_private(local_services, tmp_path, caplog):
+    import ssl
+    import urllib.request
+
+    home, state = local_services["home"], local_services["storage"]
+    flags = dict(a.lstrip("-").split("=", 1) for a in state["argv"] if a.startswith("-") and "=" in a)
+    http = {name: int(flags[f"{name}.port"]) for name in ("master", "volume", "filer", "admin")}
+    listening = {c.laddr.port for c in psutil.Process(state["pid"]).net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN}
+    grpc = listening - set(http.values()) - {state["port"]}
+    assert len(grpc) == 5  # master, volume, filer, admin, s3
+    for name in ("master", "volume", "filer"):  # mutual TLS: refused without the home's key, open with it
+        with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
+            _https(http[name], "/")
+        assert _https(http[name], "/", home)[0] in (200, 400)
+    with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
+        _https(http["filer"], "/buckets/")
+    assert b"/buckets/scmlab" in _https(http["filer"], "/buckets/", home)[1]  # what the key would open
+    for port in grpc:
+        with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                with ssl._create_unverified_context().wrap_socket(sock) as tls:
+                    tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                    tls.recv(1)
+    for path in ("/", "/login", "/api/cluster/topology", "/api/s3/buckets"):  # the admin UI is off
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(f"http://127.0.0.1:{http['admin']}{path}", timeout=5)
+    with pytest.raises(urllib.error.HTTPError, match="403"):  # S3 without credentials
+        urllib.request.urlopen(f"{state['endpoint']}/scmlab/", timeout=5)
+
+    modes = {p.relative_to(home): stat.S_IMODE(p.lstat().st_mode) for p in (home, *home.rglob("*"))}
+    assert modes[Path(".")] == modes[Path("storage")] == modes[Path("tls")] == 0o700
+    assert modes[Path("mlflow.db")] == modes[Path("tls/node.key")] == modes[Path("security.toml")] == 0o600
+    # Every directory is its owner's only, so nothing below the home is reachable by another user, even the volume
+    # info files (*.vif) that SeaweedFS writes 0644 whatever the umask when a test grows a volume.
+    assert {p for p, m in modes.items() if m & 0o077 and (home / p).is_dir()} == set()
+    assert {p for p, m in modes.items() if m & 0o077 and p.suffix != ".vif"} == set()
+
+    old = tmp_path / "old-home"  # a home from before: tightened, with a warning
+    (old / "storage").mkdir(parents=True, mode=0o755)
+    (old / "mlflow.db").write_bytes(b"")
+    (old / "mlflow.db").chmod(0o644)
+    services._private_home(old)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (old, old / "storage", old / "mlflow.db")] == [0o700, 0o700, 0o600]
+    assert "were open to other users" in caplog.text
+
+
 def test_cluster_yaml_is_a_valid_ray_cluster_config():
     import jsonschema
     import ray.autoscaler

@@ -1,7 +1,9 @@
 """Tracker interface: in-memory recording, redaction of credentials, config flattening, MLflow runs and resumes."""
 
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -92,6 +94,7 @@ def test_mlflow_tracker_resumes_the_same_run(tmp_path):
 
     resumed = MLflowTracker(uri, run_id=first.run_id)
     assert resumed.run_id == first.run_id
+    assert resumed.flush(timeout=30)  # logging is asynchronous: the resume is the first item sent
     assert client.get_run(first.run_id).info.status == "RUNNING"
     # Re-logging the config is harmless; a changed value keeps the first one (MLflow params are immutable).
     resumed.log_params({"optim": {"lr": 1e-4}, "train": {"steps": 200}, "resume": {"count": 1}})
@@ -105,6 +108,45 @@ def test_mlflow_tracker_resumes_the_same_run(tmp_path):
     history = client.get_metric_history(first.run_id, "loss/train")
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5)]
     assert len(client.search_runs([experiment_id])) == 1
+
+
+def test_mlflow_tracker_never_waits_for_an_unreachable_server(tmp_path, monkeypatch, caplog):
+    """Nothing listens at the URI: logging returns at once, finish waits flush_timeout and says what it dropped.
+    (tests/test_faults.py kills and restarts a real server mid-run.)"""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the client's own retries, not under test here
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    tracker = MLflowTracker(uri, run_id="0" * 32, system_metrics=True, flush_timeout=1.0)
+    started = time.perf_counter()
+    for step in range(1, 101):
+        tracker.log_metrics({"loss/train": 1.0 / step}, step=step)
+    tracker.set_tags({"checkpoint.latest": "x"})
+    tracker.log_image(np.zeros((4, 4, 3), np.uint8), "samples", step=100)
+    assert time.perf_counter() - started < 0.5
+    with caplog.at_level("WARNING"):
+        tracker.finish()
+    assert time.perf_counter() - started < 10
+    assert f"MLflow at {uri} is unreachable" in caplog.text
+    assert "within 1 s (tracking.flush_timeout): they are dropped" in caplog.text
+
+
+def test_mlflow_tracker_drops_what_the_server_refuses_and_counts_a_full_queue(tmp_path, monkeypatch, caplog):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = ensure_experiment(uri, "refused")
+    tracker = MLflowTracker(uri, experiment_id=experiment_id, run_name="refused")
+    tracker.log_params({"bad!name": 1})  # a name MLflow refuses (400): dropped at once, not retried
+    tracker.set_tags({"kept": "yes"})
+    assert tracker.flush(timeout=30)
+    monkeypatch.setattr(MLflowTracker, "QUEUE_SIZE", 0)  # a queue that is full: new items are counted, not kept
+    tracker.log_metrics({"loss/train": 1.0}, step=1)
+    with caplog.at_level("WARNING"):
+        tracker.finish()
+    assert tracker.dropped == 2
+    run = MlflowClient(uri).get_run(tracker.run_id)
+    assert (run.info.status, run.data.tags["kept"], run.data.tags[MLflowTracker.DROPPED_TAG]) == ("FINISHED", "yes",
+                                                                                                  "2")
+    assert "params of run" in caplog.text and "is full" in caplog.text and run.data.params == {}
 
 
 def test_mlflow_tracker_nests_sweep_children(tmp_path):

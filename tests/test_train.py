@@ -1,12 +1,17 @@
 """The training loop and checkpoints: atomic writes, exact resume, the NaN guard, teachers, sample grids."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from scmlab import data
+from scmlab.config import ConfigError
 from scmlab.train import TrainingDiverged, checkpoint, train
 from scmlab.train import loop as loop_module
 
@@ -126,6 +131,45 @@ def test_repeated_nans_stop_with_the_last_good_checkpoint_intact(toy_shards, mak
     assert all(s["step"] == 4 for s in ckpt["optimizer"]["state"].values())  # steps 0..3 applied, 4 and 5 skipped
 
 
+def inf_after(k: int, where: str):
+    """Wrap build_optimizer so that, right after the k-th update (the loss of that step was finite), one entry of
+    the first weight (`model`) or of the optimizer state (`optimizer`) becomes inf."""
+    real = loop_module.build_optimizer
+
+    def build(config, params, *device):
+        params = list(params)
+        optimizer = real(config, params, *device)
+        update, calls = optimizer.step, []
+
+        def step():
+            update()
+            calls.append(step)
+            if len(calls) == k:
+                with torch.no_grad():
+                    target = params[0] if where == "model" else optimizer.state[params[0]]["exp_avg_sq"]
+                    target.view(-1)[0] = float("inf")
+        optimizer.step = step
+        return optimizer
+    return build
+
+
+@pytest.mark.parametrize("where", ["model", "optimizer"])
+def test_non_finite_weights_are_never_checkpointed(toy_shards, make_config, tmp_path, monkeypatch, where):
+    monkeypatch.setattr(loop_module, "build_optimizer", inf_after(4, where))
+    config = make_config(toy_shards, tmp_path, train={"steps": 20, "checkpoint_every": 1, "keep_checkpoints": 1,
+                                                      "max_bad_steps": 100})
+    with pytest.raises(TrainingDiverged) as e:
+        train(config)
+    last_good = os.path.join(tmp_path, "checkpoints", "step-000000003.pt")
+    assert f"step 4: non-finite values in {where}." in str(e.value)
+    assert f"Last good checkpoint: {last_good}" in str(e.value)
+    assert os.listdir(os.path.join(tmp_path, "checkpoints")) == ["step-000000003.pt"]  # pruning kept a finite one
+    ckpt = checkpoint.load(last_good)
+    tensors = [*ckpt["model"].values(), *ckpt["ema"].values(),
+               *(v for s in ckpt["optimizer"]["state"].values() for v in s.values())]
+    assert all(torch.isfinite(v).all() for v in tensors)
+
+
 def test_scd_distils_a_frozen_teacher_and_starts_from_its_ema(toy_shards, make_config, tmp_path):
     teacher = train(make_config(toy_shards, tmp_path / "teacher", objective={"kind": "diffusion"}))
     student_cfg = make_config(toy_shards, tmp_path / "student", objective={"kind": "scd", "teacher":
@@ -137,6 +181,81 @@ def test_scd_distils_a_frozen_teacher_and_starts_from_its_ema(toy_shards, make_c
     for name, value in teacher_ema.items():
         torch.testing.assert_close(student_model[name], value, rtol=0, atol=1e-8)
     assert np.isfinite(student["metrics"]["loss/mean"])
+
+
+def snapshot(root) -> dict:
+    """{relative path: bytes} of every file under root."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resuming_another_run_is_refused_unless_forced(toy_shards, digit_shards, make_config, tmp_path, caplog):
+    from scmlab import cli
+
+    teacher = tmp_path / "teacher"  # a diffusion teacher's run directory, reused by mistake for sCT
+    train(make_config(toy_shards, teacher, objective={"kind": "diffusion"}, train={"steps": 3, "keep_checkpoints": 2}))
+    before = snapshot(teacher)
+    command = ["train", "--config", str(teacher / "config.yaml")]
+    for overrides, difference in (
+            (["objective.kind=sct"], "objective.kind 'diffusion' -> 'sct'"),
+            (["model.size=small"], "model.size 'tiny' -> 'small'"),
+            ([f"data.train={digit_shards}", "model.arch=unet", "model.size=ci"],
+             "model.arch 'mlp' -> 'unet'; model.size 'tiny' -> 'ci'; data shape [2] -> [1, 8, 8]; data num_classes "
+             "0 -> 10"),
+            (["optim.lr=.inf"], "optim.lr: expected a finite number, got inf")):
+        assert cli.main([*command, *overrides]) == 2
+        assert difference in caplog.records[-1].getMessage()
+    assert "run.dir: " + str(teacher / "checkpoints" / "step-000000003.pt") + " is a checkpoint of another run" in \
+        caplog.text and "--force-resume" in caplog.text
+    with pytest.raises(ConfigError, match="objective.kind 'diffusion' -> 'sct'"):  # the loop's own check
+        train(make_config(toy_shards, teacher, objective={"kind": "sct"}))
+    assert snapshot(teacher) == before  # nothing written, nothing pruned
+
+    assert cli.main([*command, "objective.kind=sct", "train.steps=4", "--force-resume"]) == 0
+    resumed = checkpoint.load(str(teacher))
+    assert (resumed["step"], resumed["config"]["objective"]["kind"]) == (4, "sct")
+
+
+def test_a_second_run_on_one_run_dir_or_ray_run_is_refused_and_a_killed_one_leaves_no_lock(toy_shards, make_config,
+                                                                                             tmp_path, caplog):
+    from scmlab import cli
+    from scmlab.train import lock
+
+    run_dir = tmp_path / "run"
+    config = tmp_path / "config.yaml"
+    config.write_text(make_config(toy_shards, run_dir, train={"steps": 10**6, "log_every": 1000,
+                                                              "checkpoint_every": 50}).to_yaml())
+    first = subprocess.Popen([sys.executable, "-m", "scmlab.cli", "train", "--config", str(config)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while f'"pid": {first.pid},' not in _read(run_dir / lock.LOCK_FILE) and time.monotonic() < deadline:
+            assert first.poll() is None
+            time.sleep(0.1)
+        assert cli.main(["train", "--config", str(config), "train.steps=1"]) == 2
+        assert f"run.dir {run_dir} is in use by another run (pid {first.pid} on " in caplog.text
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # a crash: the lock goes with the process
+        first.wait()
+    assert cli.main(["train", "--config", str(config), "train.steps=1"]) == 0
+
+    # A Ray run is locked by its storage and name, whatever run.dir: through a lock file on this machine for s3://.
+    for storage in (str(tmp_path / "ray"), "s3://scmlab/ray"):
+        a, b = (make_config(toy_shards, tmp_path / name, train={"workers": 2},
+                            run={"storage": storage, "name": "shared"}) for name in ("a", "b"))
+        with lock.held(a):
+            with pytest.raises(lock.RunInUse, match=f"Ray run {storage}/shared is in use by another run \\(pid "
+                                                    f"{os.getpid()} "):
+                with lock.held(b):
+                    pass
+        with lock.held(b):  # released with its holder
+            pass
+
+
+def _read(path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
 
 
 def test_teacher_with_other_data_is_rejected(toy_shards, digit_shards, make_config, tmp_path):

@@ -75,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. train.steps=100 (value parsed as YAML)")
     s.add_argument("--summary-json", help="write {checkpoint, step, metrics, samples} here at the end")
     s.add_argument("--dry-run", action="store_true", help="print the resolved config as YAML and exit")
+    s.add_argument("--force-resume", action="store_true",
+                   help="resume run.dir even if its checkpoints were written with another objective, network or "
+                        "data shape (run.force_resume=true)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="draw samples from a checkpoint's EMA weights",
@@ -207,7 +210,7 @@ def cmd_prepare(args) -> int:
 def cmd_train(args) -> int:
     from .config import load_config
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides + ["run.force_resume=true"] * args.force_resume)
     if args.dry_run:
         sys.stdout.write(config.to_yaml())
         return 0

@@ -10,6 +10,7 @@ Importable with torch alone: `yaml` is imported only by the functions that read 
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -340,9 +341,14 @@ class TrackingConfig:
     tracking.register_alias at it; empty = log the model without registering it."""
     register_alias: str = "candidate"
     """The alias the registered version gets (`models:/NAME@candidate` loads it)."""
+    flush_timeout: float = 300.0
+    """Seconds the end of a run waits for the MLflow server to take what was logged while it was unreachable
+    (logging is queued and retried in the background: training never waits for the server); what is left then is
+    dropped with a warning."""
 
     def __post_init__(self):
         _one_of("tracking.kind", self.kind, TRACKERS)
+        _check(self.flush_timeout >= 0, f"tracking.flush_timeout: must be >= 0 seconds, got {self.flush_timeout}")
         self.uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
         if self.kind == "auto":
             self.kind = "mlflow" if self.uri else "none"
@@ -369,6 +375,10 @@ class RunConfig:
     """Where Ray Train keeps the checkpoints (train.workers >= 1), under run.name: a directory that every node sees,
     or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL, as for data). Empty = run.dir's parent, so that locally
     the Ray run directory is run.dir itself."""
+    force_resume: bool = False
+    """Resume the run's latest checkpoint even if it was written with another objective.kind, network (model.arch,
+    size, time_embedding, double_norm, guidance_input) or data shape; false = such a resume is refused, naming the
+    differences (`scmlab train --force-resume` sets it)."""
 
     def __post_init__(self):
         _check(bool(self.dir), "run.dir is required: a directory for checkpoints and samples (e.g. run.dir=runs/demo)")
@@ -399,6 +409,16 @@ def samplers(kind: str, steps: list[int] = ()) -> dict[str, int]:
 PATH_FIELDS = ("data.train", "objective.teacher", "run.dir", "run.storage", "eval.reference", "eval.test",
                "eval.inception")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# Set by Ray's job supervisor in a submitted job's driver: {"runtime_env": {"working_dir": ...}, ...}.
+_RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+def _job_working_dir() -> str:
+    """The --working-dir URI of the Ray job whose driver this process is ("" outside a submitted job)."""
+    try:
+        return (json.loads(os.environ.get(_RAY_JOB_ENV) or "{}").get("runtime_env") or {}).get("working_dir") or ""
+    except ValueError:
+        return ""
+
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "objective": ObjectiveConfig, "optim": OptimConfig,
             "train": TrainConfig, "eval": EvalConfig, "tracking": TrackingConfig, "run": RunConfig}
@@ -444,8 +464,20 @@ class Config:
         """This config with every local path (PATH_FIELDS, and a sqlite:/// tracking store) made absolute against the
         current working directory; URLs (s3://...) are kept. Drivers call it before any worker or trial starts: Ray
         Train and Tune run each worker and trial in a directory of their own, where a relative path means something
-        else."""
+        else. In the driver of a job submitted with `ray job submit --working-dir` that directory is Ray's unpacked
+        copy of the submitted one: relative inputs (data.train, objective.teacher) are the submitted files there, but
+        a relative output (run.dir, run.storage, a sqlite:/// tracking.uri) is refused (ConfigError naming the
+        field): Ray may delete that copy once the job ends."""
         d = self.to_dict()
+        if working_dir := _job_working_dir():
+            sqlite = d["tracking"]["uri"].startswith("sqlite:///")
+            outputs = {"run.dir": d["run"]["dir"], "run.storage": d["run"]["storage"],
+                       "tracking.uri": d["tracking"]["uri"].removeprefix("sqlite:///") if sqlite else ""}
+            for dotted, value in outputs.items():
+                _check(not value or _URL.match(value) or os.path.isabs(value),
+                       f"{dotted}: {value!r} is relative, and this Ray job runs in Ray's unpacked copy of "
+                       f"--working-dir ({working_dir} = {os.getcwd()}), which Ray may delete once the job ends: give "
+                       f"an absolute path on the head node or an s3:// URL")
         for dotted in PATH_FIELDS:
             section, key = dotted.split(".")
             value = d[section][key]
@@ -503,9 +535,11 @@ def _coerce(name: str, value, hint):
     if hint is float:
         try:
             _check(not isinstance(value, bool), "")
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError, ConfigError):
             raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+        _check(math.isfinite(number), f"{name}: expected a finite number, got {value!r}")
+        return number
     if hint is str:
         _check(isinstance(value, str), f"{name}: expected a string, got {value!r}")
         return value

@@ -8,12 +8,22 @@ State lives in a home directory (`.scmlab/` under the working directory, `$SCMLA
                       it on every node
     mlflow_password   mode 0600, the cluster's MLflow admin password (cluster.yaml mounts it on every node; the
                       local MLflow server, on 127.0.0.1, does not use it)
+    security.toml     SeaweedFS's security settings, with tls/: a CA certificate and the one key pair its
+                      components present to one another (mutual TLS)
     storage.json      `weed mini`: pid, command line, port, endpoint, data dir, log
     storage/          SeaweedFS data           storage.log   its output
     mlflow.json       `mlflow server`: pid, command line, port, tracking URI, artifact destination, log
     mlflow.db         MLflow's sqlite store    mlflow.log    its output
                       (kept in the bucket too, at s3://BUCKET/mlflow-store/mlflow.db: `services down` saves it
                       there and `services up` restores it into an emptied home; see scmlab.mlflow_store)
+
+Only the owner can use them: the home is 0700 and everything in it 0600 (the servers run with umask 077, so the
+store's data, mlflow.db and the logs are created so; an older, looser home is tightened with a warning), and
+SeaweedFS's internal APIs are closed to anyone without the home's key: mutual TLS on the HTTP APIs of its master,
+volume server and filer and on every gRPC port (another local user, who can reach 127.0.0.1 too, gets a TLS
+handshake failure), its admin UI off. The S3 API is the one way in, with the credentials. Not covered: the MLflow
+server on 127.0.0.1 has no authentication (any local user can read and write runs and, through its artifact proxy,
+artifacts), and `weed mini` keeps its Unix sockets in /tmp (mode 0700 under the umask: only the owner connects).
 
 The servers run in sessions of their own, so they outlive the command that started them; `*_up` finds a running
 server again through its state file (its pid alive and running the recorded command line) and returns it unchanged.
@@ -30,6 +40,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -46,6 +57,9 @@ CREDENTIALS_FILE = "credentials.json"
 RAY_TOKEN_FILE = "ray_auth_token"
 MLFLOW_PASSWORD_FILE = "mlflow_password"
 BUCKET = "scmlab"  # the services' bucket: data, MLflow's artifacts and its store
+SECURITY_FILE = "security.toml"
+# SeaweedFS components whose gRPC servers (and clients) use mutual TLS (`weed scaffold -config=security`).
+GRPC_COMPONENTS = ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker", "msg_agent", "mq")
 GRPC_OFFSET = 10000  # SeaweedFS serves a component's gRPC on its HTTP port + 10000
 
 # Servers started by this process, kept so that they are reaped (no zombies, no ResourceWarning) when stopped here.
@@ -77,18 +91,20 @@ def storage_up(home=None, port: int | None = None, bucket: str = BUCKET, timeout
         return {**state, "bucket": bucket}
     _stop(home, "storage")
 
-    home.mkdir(parents=True, exist_ok=True)
+    _private_home(home)
     data_dir = home / "storage"
-    data_dir.mkdir(exist_ok=True)
+    data_dir.mkdir(mode=0o700, exist_ok=True)
+    security = _security_config(home)
     port = port or _previous_port(state)
     # `weed mini` listens on an HTTP port per component and on that port + 10000 for its gRPC (its maintenance
     # worker dials the admin server there, whatever -admin.port.grpc says), so every port is chosen here with its
-    # gRPC partner free. A given S3 port gets a chosen gRPC port instead. WebDAV, Iceberg and Lance: off.
+    # gRPC partner free. A given S3 port gets a chosen gRPC port instead. WebDAV, Iceberg, Lance, admin UI: off.
     names = ["master", "volume", "filer", "admin", "s3"]
     ports = dict(zip(names, _free_port_pairs(len(names), avoid={port})))
     port = port or ports["s3"]
-    argv = [_weed_binary(), "mini", f"-dir={data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
-            "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"]
+    argv = [_weed_binary(), f"-config_dir={security.parent}", "mini", f"-dir={data_dir}", f"-ip={HOST}",
+            f"-ip.bind={HOST}", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+            "-admin.ui=false"]
     argv += [f"-{name}.port={p}" for name, p in ports.items() if name != "s3"]
     argv += [f"-s3.port={port}", f"-s3.port.grpc={ports['s3'] + GRPC_OFFSET}"]
     # weed mini creates its S3 identity from these variables; without them it rejects multipart uploads.
@@ -151,6 +167,7 @@ def mlflow_up(home=None, port: int | None = None, timeout: float = 90.0) -> dict
         return state
     _stop(home, "mlflow")
 
+    _private_home(home)
     port = port or _previous_port(state) or _free_port()
     destination = f"s3://{storage['bucket']}/mlflow"
     mlflow_store.restore(home / "mlflow.db", store_url(storage["bucket"]),
@@ -263,11 +280,92 @@ def _secret_file(home: Path, name: str, generate) -> Path:
             log.warning("%s was readable by others; restricting it to its owner", path)
             path.chmod(0o600)
         return path
-    home.mkdir(parents=True, exist_ok=True)
+    _private_home(home)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(generate())
     return path
+
+
+def _private_home(home: Path) -> None:
+    """Create the home 0700, or restrict an existing one (and what is in it) to its owner, with a warning."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    loose = []
+    for path in (home, *home.rglob("*")):
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:  # gone meanwhile (a temporary file)
+            continue
+        if mode & 0o077 and (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+            loose.append(path)
+            path.chmod(0o700 if stat.S_ISDIR(mode) else 0o600)
+    if loose:
+        log.warning("%d file(s) of %s were open to other users (%s, ...); restricted them to their owner",
+                    len(loose), home, loose[0])
+
+
+def _security_config(home: Path) -> Path:
+    """home/security.toml for SeaweedFS (written once): mutual TLS between its components, on their gRPC ports and
+    on the HTTP APIs of master, volume server and filer, with a certificate authority made for this home alone.
+    Its key signs the one certificate (127.0.0.1, localhost) and is then discarded; the certificate's key stays in
+    tls/ (0600). Without that key, nothing but the S3 API (with its credentials) answers."""
+    path = home / SECURITY_FILE
+    if path.exists():
+        return path
+    tls = home / "tls"
+    tls.mkdir(mode=0o700, exist_ok=True)
+    ca, cert, key = _certificates()
+    for name, pem in (("ca.crt", ca), ("node.crt", cert), ("node.key", key)):
+        _write_private(tls / name, pem)
+    files = {"ca": tls / "ca.crt", "cert": tls / "node.crt", "key": tls / "node.key"}
+    pair = f'cert = "{files["cert"]}"\nkey = "{files["key"]}"\n'
+    sections = [f'[grpc]\nca = "{files["ca"]}"\n', f"[grpc.client]\n{pair}",
+                f'[https.client]\nenabled = true\n{pair}ca = "{files["ca"]}"\n', "[access]\nui = false\n"]
+    sections += [f'[grpc.{c}]\n{pair}client_cert = "{files["cert"]}"\nclient_key = "{files["key"]}"\n'
+                 for c in GRPC_COMPONENTS]
+    sections += [f'[https.{c}]\n{pair}ca = "{files["ca"]}"\n' for c in ("master", "volume", "filer")]
+    _write_private(path, "\n".join(sections).encode())
+    return path
+
+
+def _certificates() -> tuple[bytes, bytes, bytes]:
+    """(CA certificate, certificate for 127.0.0.1 and localhost signed by it, its private key), PEM; EC P-256,
+    valid 10 years. The CA's key is not returned: no other certificate can ever be signed."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject: str, public_key, issuer: str, signer, extensions):
+        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(public_key).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=3650)))
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("scmlab local services CA", ca_key.public_key(), "scmlab local services CA", ca_key,
+                     [(x509.BasicConstraints(ca=True, path_length=0), True)])
+    node = certificate("localhost", key.public_key(), "scmlab local services CA", ca_key, [
+        (x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]), False),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), False)])
+    return ca, node, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption())
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write `data` to a new file created 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _server_env(home: Path) -> dict:
@@ -279,9 +377,10 @@ def _server_env(home: Path) -> dict:
 
 
 def _spawn(argv: list[str], env: dict, home: Path, log_path: Path) -> int:
-    with open(log_path, "ab") as out:
+    """Start a server in a session of its own, in the home, with umask 077: what it creates is its owner's only."""
+    with os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
         proc = subprocess.Popen(argv, env=env, cwd=home, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, umask=0o077)
     _children[proc.pid] = proc
     return proc.pid
 
@@ -371,7 +470,7 @@ def _read_state(home: Path, name: str) -> dict | None:
 
 def _write_state(home: Path, name: str, state: dict) -> None:
     tmp = home / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2))
+    _write_private(tmp, json.dumps(state, indent=2).encode())
     tmp.replace(home / f"{name}.json")
 
 

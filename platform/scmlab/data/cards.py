@@ -21,6 +21,7 @@ A split other than `train` (`scmlab prepare digits --split test`) updates the re
 """
 
 import inspect
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +34,7 @@ from .shards import DataError
 FIELDS = ("name", "description", "reader", "resolution", "channels", "num_classes", "sigma_d", "shard_size", "splits")
 TRAIN = "train"
 DEFAULTS = {"sigma_d": 0.5, "shard_size": 10000}
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a shard file prefix that stays inside --out
 
 
 def card_dirs() -> list[Path]:
@@ -58,7 +60,7 @@ def load_card(source: str, options: Mapping | None = None, split: str = TRAIN) -
     applied), validated."""
     kind, _, path = source.partition(":")
     if path and kind in READERS:
-        card = {"name": re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).stem) or kind,
+        card = {"name": re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).stem).lstrip(".-") or kind,
                 "reader": {"type": kind, "path": path}}
     else:
         card_file = _card_file(source)
@@ -85,6 +87,10 @@ def _validate(card: dict, source: str) -> None:
         raise DataError(f"dataset card {source}: unknown field(s) {unknown}; fields: {', '.join(FIELDS)}")
     if not card.get("name"):
         raise DataError(f"dataset card {source}: `name` is required")
+    if not NAME.fullmatch(str(card["name"])):
+        raise DataError(f"dataset card {source}: name {card['name']!r} must be a plain file name prefix (letters, "
+                        f"digits, '_', '.', '-'; no '/' or leading '.'): shards are written as NAME-000000.tar "
+                        f"inside --out")
     reader_type = card["reader"].get("type")
     if reader_type not in READERS:
         raise DataError(f"dataset card {source}: reader.type {reader_type!r} is not one of {', '.join(READERS)}")
@@ -95,5 +101,6 @@ def _validate(card: dict, source: str) -> None:
                         f"{', '.join(params) or 'none'}")
     if card.get("channels") not in (None, 1, 3):
         raise DataError(f"dataset card {source}: channels must be 1 or 3, got {card['channels']}")
-    if int(card["shard_size"]) < 1 or float(card["sigma_d"]) <= 0:
-        raise DataError(f"dataset card {source}: shard_size must be >= 1 and sigma_d > 0")
+    if int(card["shard_size"]) < 1 or not float(card["sigma_d"]) > 0 or not math.isfinite(float(card["sigma_d"])):
+        raise DataError(f"dataset card {source}: shard_size must be >= 1 and sigma_d a finite number > 0, got "
+                        f"{card['shard_size']} and {card['sigma_d']}")

@@ -180,10 +180,14 @@ def prepare(source: str, out: str, *, shard_size: int | None = None, limit: int 
             progress: bool = True, options: Mapping | None = None, split: str = TRAIN) -> dict:
     """Write the dataset SOURCE (a card name, a card file, or TYPE:PATH; see scmlab.data.cards) as shards in `out`
     (a local directory or an s3://bucket/prefix) and return the manifest. `split`: `train`, or a split the card
-    lists (`test`), recorded in the manifest. `limit` keeps the first samples only;
-    `options` override card fields or reader arguments; `progress` shows progress bars. An old manifest in `out` is
-    removed first, so an interrupted run leaves no manifest and cannot be mistaken for a whole dataset; re-running
-    it into object storage uploads only the shards not already stored."""
+    lists (`test`), recorded in the manifest. `limit` keeps the first samples only; `options` override card fields
+    or reader arguments; `progress` shows progress bars. Bad arguments, cards and source data (a shard size or
+    limit < 1, a name that would leave `out`, non-finite vectors) are refused before `out` is touched. An old
+    manifest in `out` is removed first, so an interrupted run leaves no manifest and cannot be mistaken for a whole
+    dataset; re-running it into object storage uploads only the shards not already stored."""
+    for flag, value in (("--shard-size", shard_size), ("--limit", limit)):
+        if value is not None and int(value) < 1:
+            raise DataError(f"{flag}: must be >= 1, got {value}")
     card = load_card(source, options, split)
     name, shard_size = card["name"], int(shard_size or card["shard_size"])
     reader = dict(card["reader"])

@@ -3,6 +3,7 @@
 Each reader takes the card's reader arguments and returns a `Raw`: images as (H, W, C) uint8, vectors as (D,) float.
 """
 
+import functools
 import gzip
 import os
 import pickle
@@ -63,7 +64,8 @@ def idx(images: str, labels: str | None = None) -> Raw:
 def cifar10(path: str, split: str = "train") -> Raw:
     """The official CIFAR-10 python archive (cifar-10-python.tar.gz): pickled batches data_batch_1..5 (train) and
     test_batch (test), each {b"data": (10000, 3072) uint8 rows of R, G, B planes, b"labels": [...]}.
-    The batches are pickles, as published; read archives from a trusted source only."""
+    The batches are pickles, as published: they are read with `_BatchUnpickler`, which builds numpy arrays and
+    plain values only, so a crafted archive cannot run code."""
     names = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
     if split not in names:
         raise DataError(f"cifar10: split must be one of {list(names)}, got {split!r}")
@@ -72,10 +74,49 @@ def cifar10(path: str, split: str = "train") -> Raw:
         missing = [n for n in names[split] if n not in members]
         if missing:
             raise DataError(f"{path}: no {missing} in the archive; is it cifar-10-python.tar.gz?")
-        batches = [pickle.load(tar.extractfile(members[n]), encoding="bytes") for n in names[split]]
+        batches = [_cifar_batch(tar.extractfile(members[n]), f"{path}: {members[n].name}") for n in names[split]]
     x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # -> NHWC
     y = np.concatenate([b[b"labels"] for b in batches])
     return Raw(np.ascontiguousarray(x), _labels(y, len(x), path), 10)
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler for CIFAR-10 batches: the only globals it resolves are those that rebuild numpy arrays (as
+    numpy 1 and 2 pickle them) and `_codecs.encode` (bytes in protocol-2 pickles written by Python 3). Anything else
+    (os.system, builtins.eval, ...) is refused before it is called."""
+
+    def find_class(self, module: str, name: str):
+        allowed = _cifar_globals()
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 batch")
+        return allowed[module, name]
+
+
+@functools.cache
+def _cifar_globals() -> dict:
+    import codecs
+
+    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 : numpy 1
+    reconstruct, frombuffer = core.multiarray._reconstruct, core.numeric._frombuffer
+    return {("numpy.core.multiarray", "_reconstruct"): reconstruct, ("numpy._core.multiarray", "_reconstruct"):
+            reconstruct, ("numpy.core.numeric", "_frombuffer"): frombuffer, ("numpy._core.numeric", "_frombuffer"):
+            frombuffer, ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"):
+            codecs.encode}
+
+
+def _cifar_batch(f, where: str) -> dict:
+    """One batch, checked: {b"data": (N, 3072) uint8, b"labels": N integers, ...}."""
+    try:
+        batch = _BatchUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise DataError(f"{where}: not a CIFAR-10 batch: {e}") from None
+    x = batch.get(b"data") if isinstance(batch, dict) else None
+    labels = batch.get(b"labels") if isinstance(batch, dict) else None
+    if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3072):
+        raise DataError(f"{where}: b'data' must be an (N, 3072) uint8 array")
+    if not (isinstance(labels, list) and all(isinstance(k, int) for k in labels)):
+        raise DataError(f"{where}: b'labels' must be a list of integers")
+    return batch
 
 
 DIGITS_TEST = 297  # held out: 1500 train images remain
@@ -145,7 +186,12 @@ def npy(path: str, labels: str | None = None) -> Raw:
     optional labels from a second .npy of N class indices."""
     x = np.load(local_path(path), allow_pickle=False)
     if x.ndim == 2:
-        x = x.astype(np.float32)
+        with np.errstate(over="ignore"):  # values beyond float32's range become Inf, refused below
+            x = x.astype(np.float32)
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        if len(bad):
+            raise DataError(f"{path}: row {bad[0]} (and {len(bad) - 1} more) holds NaN or Inf (as float32); "
+                            f"drop or fix those rows")
     elif x.ndim in (3, 4):
         if x.dtype != np.uint8:
             raise DataError(f"{path}: images must be uint8 (0..255), got {x.dtype}")

@@ -6,7 +6,12 @@ renamed into place, so a crash never leaves a truncated file under a checkpoint 
 complete files. Loading uses torch.load(weights_only=True): no pickled code.
 
 The training loop reads and writes checkpoints through a store: `LocalCheckpoints` (run.dir/checkpoints, here) or
-the Ray Train store of scmlab.train.distributed; both hold the same dict.
+the Ray Train store of scmlab.train.distributed (`step-NNNNNNNNN/checkpoint.pt` in the Ray run directory); both hold
+the same dict.
+
+A run resumes its latest checkpoint only if that was written by a compatible config (`check_resume`): the same
+objective, network and data shape. Otherwise a mistake (a diffusion teacher's run.dir reused for sCT) would either
+fail to load or train on as another run, its checkpoints pruned by `keep_checkpoints`.
 """
 
 import io
@@ -19,10 +24,16 @@ from urllib.parse import urlparse
 
 import torch
 
+from ..config import Config, ConfigError
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
+_RAY_NAME = re.compile(r"^step-(\d{9})$")
 RAY_FILE = "checkpoint.pt"  # the file in each Ray Train checkpoint directory (scmlab.train.distributed)
+# Config fields that make a checkpoint another network or another task (with the data's shape and classes).
+IDENTITY = ("objective.kind", "model.arch", "model.size", "model.time_embedding", "model.double_norm",
+            "model.guidance_input")
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -103,6 +114,46 @@ def load(path: str, map_location="cpu") -> dict:
         with open_url(url) as f:
             return torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=True)
     return torch.load(resolve(path), map_location=map_location, weights_only=True)
+
+
+def peek(directory: str) -> tuple[dict, str] | None:
+    """(checkpoint, path) of the newest checkpoint in `directory` in either layout (a run directory's
+    checkpoints/step-*.pt, a local Ray run directory's step-*/checkpoint.pt), memory-mapped: its config and manifest
+    read without loading its tensors. None when there is none (or none that reads)."""
+    found = [(step, os.path.join(checkpoint_dir(directory), f"step-{step:09d}.pt"))
+             for step in _steps(checkpoint_dir(directory))]
+    if os.path.isdir(directory):
+        found += [(int(m.group(1)), os.path.join(directory, m.group(0), RAY_FILE))
+                  for m in map(_RAY_NAME.match, os.listdir(directory)) if m]
+    for _, path in sorted(found, reverse=True):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), path
+        except (OSError, RuntimeError):  # an upload Ray never registered, a foreign file
+            continue
+    return None
+
+
+def check_resume(stored: dict, config: Config, manifest: dict, where: str) -> None:
+    """Refuse (ConfigError) to resume the checkpoint `stored` (found at `where`) under `config` when they differ in
+    IDENTITY or in the data's shape or classes, unless config.run.force_resume."""
+    if config.run.force_resume:
+        return
+    new = config.to_dict()
+    differences = []
+    for dotted in IDENTITY:
+        section, key = dotted.split(".")
+        before = stored["config"].get(section, {}).get(key)
+        if before != new[section][key]:
+            differences.append(f"{dotted} {before!r} -> {new[section][key]!r}")
+    data = stored.get("manifest") or {}
+    if data and list(data["shape"]) != list(manifest["shape"]):
+        differences.append(f"data shape {list(data['shape'])} -> {list(manifest['shape'])}")
+    if data and int(data.get("num_classes", 0)) != int(manifest.get("num_classes", 0)):
+        differences.append(f"data num_classes {data.get('num_classes', 0)} -> {manifest.get('num_classes', 0)}")
+    if differences:
+        raise ConfigError(f"run.dir: {where} is a checkpoint of another run ({'; '.join(differences)}); resuming "
+                          f"it would not continue that run. Use another run.dir (or run.name), or resume it anyway "
+                          f"with --force-resume (run.force_resume=true).")
 
 
 class LocalCheckpoints:

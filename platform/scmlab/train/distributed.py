@@ -38,15 +38,26 @@ def location(config: Config) -> tuple[str, object, str]:
     """(storage_path, storage_filesystem, URI of the run directory) for Ray's RunConfig. s3:// storage gets a pyarrow
     S3FileSystem whose endpoint and region come from the same variables as the data's boto3 client; credentials are
     left to the AWS chain of each process, so none is pickled into the filesystem that Ray ships and records."""
-    storage = (config.run.storage or os.path.dirname(os.path.abspath(config.run.dir))).rstrip("/")
-    uri = f"{storage}/{config.run.name}"
+    storage = _storage(config)
     if not storage.startswith("s3://"):
-        return os.path.abspath(storage), None, os.path.join(os.path.abspath(storage), config.run.name)
+        return storage, None, run_uri(config)
     from pyarrow.fs import S3FileSystem
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     filesystem = S3FileSystem(endpoint_override=endpoint, region=s3_region(storage, endpoint))
-    return storage.removeprefix("s3://"), filesystem, uri
+    return storage.removeprefix("s3://"), filesystem, run_uri(config)
+
+
+def _storage(config: Config) -> str:
+    storage = (config.run.storage or os.path.dirname(os.path.abspath(config.run.dir))).rstrip("/")
+    return storage if storage.startswith("s3://") else os.path.abspath(storage)
+
+
+def run_uri(config: Config) -> str:
+    """The URI of the Ray Train run's directory: s3://BUCKET/PREFIX/NAME or an absolute local path (no filesystem
+    made, no network asked)."""
+    storage = _storage(config)
+    return f"{storage}/{config.run.name}" if storage.startswith("s3://") else os.path.join(storage, config.run.name)
 
 
 def s3_region(storage: str, endpoint: str | None) -> str:

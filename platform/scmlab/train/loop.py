@@ -149,6 +149,8 @@ def train(config: Config, *, rank: int = 0, world_size: int = 1, wrap=None, prog
     torch.manual_seed(cfg.seed)  # the same initialization on every rank
     net = build_model(config, manifest).to(device)
     resumed = store.restore(map_location=device)
+    if resumed:
+        checkpoint.check_resume(resumed, config, manifest, store.last())
     teacher = None
     if config.objective.teacher and (config.objective.kind == "scd" or not resumed):
         teacher = load_teacher(config, manifest).to(device)
@@ -202,7 +204,7 @@ def _evaluator(config: Config, manifest: dict, rank: int, world_size: int, devic
 def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teacher, manifest, state, store, run,
            device, amp, local_batch, progress, evaluator) -> dict:
     """The step loop of `train`, from state["step"] to train.steps."""
-    cfg, run_dir = config.train, config.run.dir
+    cfg = config.train
     objective = build_objective(config, teacher)
     loader = data.make_loader(config.data.train, batch_size=local_batch, seed=cfg.seed, rank=rank,
                               world_size=world_size, num_workers=config.data.num_workers, start_step=state["step"],
@@ -312,6 +314,7 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
             summary["metrics"] = {**summary["metrics"], **evaluator(ema.module, state["step"], run)}
         # A preemption notice (spot) is asked for at log steps (a collective), and answered with a checkpoint now.
         if state["step"] % cfg.checkpoint_every == 0 or done or (logged and store.preempted()):
+            _refuse_nonfinite(net, ema, optimizer, state["step"], store, device, distributed)
             uri = store.save(snapshot, state["step"], summary["metrics"])
             if rank == 0:
                 summary["checkpoint"] = uri
@@ -360,6 +363,28 @@ def _combine(values: list, maximum: bool):
         stacked = torch.stack(values)
         return stacked.amax() if maximum else stacked.mean()
     return max(values) if maximum else sum(values) / len(values)
+
+
+def _refuse_nonfinite(net, ema, optimizer, step: int, store, device, distributed: bool) -> None:
+    """Raise TrainingDiverged, before a checkpoint is written, if the weights, the EMA or the optimizer state hold
+    NaN or Inf (a weight can go non-finite while the loss stays finite: an unused parameter, an overflowing update,
+    the EMA). So no checkpoint is ever written from them, `keep_checkpoints` can never prune the last finite one, and
+    the one the message names is finite. Checked at checkpoint steps only (one sync), agreed over the ranks."""
+    tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
+    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    tensors |= {f"optimizer.{i}.{k}": v for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()
+                if torch.is_tensor(v)}
+    tensors = {k: v for k, v in tensors.items() if v.is_floating_point()}
+    finite = torch.stack([torch.isfinite(v).all() for v in tensors.values()]).to(device)
+    ok = finite.all().float()
+    if distributed:
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    if not ok.item():
+        bad = [k for k, f in zip(tensors, finite.tolist()) if not f] or ["(another rank's)"]
+        raise TrainingDiverged(
+            f"step {step}: non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; no checkpoint "
+            f"was written from them. Last good checkpoint: {store.last()}. Try a lower optim.lr, optim.grad_clip > 0 "
+            f"or train.precision=fp32.")
 
 
 def _shared_message(error: Exception | None, rank: int, world_size: int, device: torch.device) -> str:

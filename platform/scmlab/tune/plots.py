@@ -59,10 +59,11 @@ def plot_loss_vs_compute(curves: Iterable[Curve], path: str, *, frontier: Fronti
 
 
 def plot_best_lr(rows: Sequence[TrialResult], path: str) -> str:
-    """Learning rate against parameters: every finished trial, the failed ones (x), and each size's best."""
+    """Learning rate against parameters: every finished trial, the failed and crashed ones (x), and each size's
+    best."""
     fig, ax = _axes("parameters", "learning rate", "best learning rate per size")
     ok = [r for r in rows if r.status == "ok"]
-    failed = [r for r in rows if r.status == "failed"]
+    failed = [r for r in rows if r.status != "ok"]
     if ok:
         ax.scatter([r.params for r in ok], [r.lr for r in ok], s=14, color="grey", label="finished")
     if failed:

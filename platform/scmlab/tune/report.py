@@ -110,7 +110,7 @@ def _ratios(metrics: dict, best: dict, finals: dict) -> list[dict]:
     teacher's selection score, both from each stage's best trial of the size."""
     if "teacher" not in metrics:
         return []
-    teacher_metric, out = metrics["teacher"], []
+    out = []
     for size, teacher in best["teacher"].items():
         students, ratios = {}, {}
         for stage in ("scd", "sct"):

@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -240,7 +241,7 @@ def _finite(curve: Curve):
 
 # --- results table ----------------------------------------------------------------------------------------------
 
-STATUSES = ("ok", "failed")
+STATUSES = ("ok", "failed", "crashed")
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,9 @@ class TrialResult:
     lr: float
     seed: int
     status: str
-    """`ok` (finished) or `failed` (diverged, NaN, crashed: see reason)."""
+    """`ok` (finished), `failed` (the trial's own failure, which would recur: diverged, data or config the workers
+    cannot use; not retried) or `crashed` (the infrastructure failed it: its workers exhausted train.max_failures, or
+    its Tune trial died; retried, from its last checkpoint, by the next run of the sweep). See reason."""
     final_loss: float = math.nan
     flops: float = math.nan
     """Training FLOPs spent (tune.flops.trial_flops for a finished trial; up to the failure for a failed one)."""
@@ -263,20 +266,26 @@ class TrialResult:
     def __post_init__(self):
         if self.status not in STATUSES:
             raise ValueError(f"trial {self.trial}: status {self.status!r} is not one of {', '.join(STATUSES)}")
-        if self.status == "failed" and not self.reason:
-            raise ValueError(f"trial {self.trial}: a failed trial needs its reason")
+        if self.status != "ok" and not self.reason:
+            raise ValueError(f"trial {self.trial}: a {self.status} trial needs its reason")
 
 
 COLUMNS = tuple(f.name for f in dataclasses.fields(TrialResult))
 
 
 def write_results(rows: Iterable[TrialResult], path: str) -> None:
-    """The results table as CSV, one row per trial, failed trials included (floats written exactly)."""
-    with open(path, "w", newline="") as f:
+    """The results table as CSV, one row per trial, failed trials included (floats written exactly). Written whole
+    or not at all (a temporary file, fsynced, renamed over the old table): a driver killed while writing leaves the
+    previous table."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         for row in rows:
             writer.writerow([repr(v) if isinstance(v, float) else v for v in dataclasses.astuple(row)])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_results(path: str) -> list[TrialResult]:
@@ -305,7 +314,7 @@ def fit_scaling_law(rows: Sequence[TrialResult], against: str = "params", **fit_
     finished ones without a finite loss, are left out and listed with their reasons in the result."""
     if against not in ("params", "flops"):
         raise ValueError(f"against {against!r}: fit against 'params' or 'flops'")
-    left_out = [(row.trial, f"failed: {row.reason}") for row in rows if row.status == "failed"]
+    left_out = [(row.trial, f"{row.status}: {row.reason}") for row in rows if row.status != "ok"]
     left_out += [(row.trial, f"final loss is {row.final_loss}") for row in rows
                  if row.status == "ok" and not math.isfinite(row.final_loss)]
     best = list(best_per_size(rows).values())

@@ -16,10 +16,12 @@ parent}/{run.name}/trials`) and logs to the MLflow child tagged with that locati
 Stages run one after the other (one Tune grid each): a student's teacher is chosen once every teacher trial of its
 size is recorded, and on a machine that trains 1-2 trials at a time the students gain little from starting earlier.
 
-Resume: the driver records every finished trial (ok or failed) in `run.dir/results.csv` as it completes. A driver
-restarted with the same config (or a larger grid, or more stages) launches only the trials not recorded there; a
-trial that was cut short resumes its Train run from its last checkpoint and continues its MLflow child run. A
-diverged trial is recorded as failed, not retried: the same steps would diverge again.
+Resume: the driver records every finished trial in `run.dir/results.csv` (rewritten whole, atomically) as it
+completes: `ok`, `failed` (diverged, or data or config its workers cannot use: not retried, the same steps would
+fail again) or `crashed` (the infrastructure failed it: its workers exhausted train.max_failures, its Tune trial
+died after Tune's own retries). A driver restarted with the same config (or a larger grid, or more stages) launches the trials not
+recorded there and the crashed ones; a trial that was cut short (the driver killed) or crashed resumes its Train
+run from its last checkpoint and continues its MLflow child run. One driver per sweep at a time (scmlab.train.lock).
 
 Layout of run.dir (with local storage): the Tune experiment (trial directories, experiment state), trials/ (the
 Train runs), results.csv, fit.json, loss_vs_compute.png, best_lr.png, fit_params.png, fit_flops.png (the law of the
@@ -401,8 +403,8 @@ def trial_config(base: Config, trial: Trial) -> Config:
     for key, value in (*trial.settings, *trial.variant_settings):
         section, _, name = key.partition(".")
         d[section][name] = value
-    d["run"] = {"dir": os.path.join(os.path.abspath(base.run.dir), "trials", trial.name), "name": trial.name,
-                "storage": f"{sweep_uri}/trials"}
+    d["run"] |= {"dir": os.path.join(os.path.abspath(base.run.dir), "trials", trial.name), "name": trial.name,
+                 "storage": f"{sweep_uri}/trials"}
     return Config.from_dict(d)
 
 
@@ -425,14 +427,10 @@ def run(base: Config, sweep: SweepConfig) -> dict:
     names trained now, "reused": names found recorded, "results": path of the table, "fit": the fit summary (see
     `analyse`), "study": the study's analysis (scmlab.tune.report), "mlflow_run_id" and "mlflow_url": the parent run
     (the URL None without a tracking server)}."""
-    from mlflow import MlflowClient
-
     from ..eval.training import metrics as eval_metrics
     from ..eval.training import prepare as prepare_eval
-    from ..train import distributed
+    from ..train import distributed, lock
     from ..train.loop import check_inputs
-    from . import report
-    from .scaling import read_results, write_results
 
     base = base.with_absolute_paths()  # the same meaning in every trial and on every worker as here
     manifest = check_inputs(base)
@@ -457,11 +455,25 @@ def run(base: Config, sweep: SweepConfig) -> dict:
             log.info("%s%s: %.3gM parameters, %.3g training FLOPs per step, %.3g per trial",
                      f"{t.stage} " if t.stage else "", t.size, c["params"] / 1e6, c["flops_per_step"],
                      c["total_flops"])
+    with lock.held(base):  # one driver per sweep
+        return _run(base, sweep, stages, metrics, grid, configs, accounting)
+
+
+def _run(base: Config, sweep: SweepConfig, stages: dict, metrics: dict, grid: list["Trial"], configs: dict,
+         accounting: dict) -> dict:
+    from mlflow import MlflowClient
+
+    from ..train import distributed
+    from . import report
+    from .scaling import read_results, write_results
 
     out_dir = os.path.abspath(base.run.dir)
     os.makedirs(out_dir, exist_ok=True)
     results_path = os.path.join(out_dir, RESULTS)
     recorded = {row.trial: row for row in read_results(results_path)} if os.path.exists(results_path) else {}
+    crashed = [t.name for t in grid if t.name in recorded and recorded[t.name].status == "crashed"]
+    for name in crashed:
+        log.info("trial %s crashed last time (%s): retrying it", name, recorded.pop(name).reason)
     reused = [t.name for t in grid if t.name in recorded]
     if reused:
         log.info("%d trial(s) already recorded in %s, not rerun: %s", len(reused), results_path, ", ".join(reused))
@@ -470,7 +482,7 @@ def run(base: Config, sweep: SweepConfig) -> dict:
     experiment_id = ensure_experiment(uri, base.tracking.experiment)
     sweep_key = distributed.location(base)[2]
     parent_id = _find_or_create(uri, experiment_id, SWEEP_TAG, sweep_key, base.run.name)
-    parent = MLflowTracker(uri, run_id=parent_id)
+    parent = MLflowTracker(uri, run_id=parent_id, flush_timeout=base.tracking.flush_timeout)
     trained = []
     with parent:
         parent.log_params({"sweep": dataclasses.asdict(sweep), **base.to_dict()})
@@ -524,9 +536,12 @@ def run(base: Config, sweep: SweepConfig) -> dict:
                             for k, v in s.items() if isinstance(v, (int, float)) and math.isfinite(v)}, step=0)
         parent.log_metrics(study["metrics"], step=0)
         parent.set_tags({"scmlab.fit": json.dumps({a: s.get("error", "ok") for a, s in fit["fits"].items()})[:5000]})
-        if all(row.status == "failed" for row in rows):  # the parent run ends FAILED (the tracker's __exit__)
+        if all(row.status != "ok" for row in rows):  # the parent run ends FAILED (the tracker's __exit__)
             raise SweepFailed(f"every trial of the sweep failed ({results_path}): " + "; ".join(
                 f"{row.trial}: {row.reason}" for row in rows[:3]) + (" ..." if len(rows) > 3 else ""))
+        if crashed := [row.trial for row in rows if row.status == "crashed"]:
+            log.warning("trial(s) %s crashed (see results.csv and the Tune output); the fit leaves them out. Rerun "
+                        "the same command to retry them from their last checkpoints", ", ".join(crashed))
     url = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{parent_id}" if uri.startswith("http") else None
     return {"trials": trained, "reused": reused, "results": results_path, "fit": fit, "study": study,
             "mlflow_run_id": parent_id, "mlflow_url": url}
@@ -590,7 +605,8 @@ def _spec(trial: Trial, config: Config, metric: str, accounting: dict, uri: str,
     return {"name": trial.name, "metric": metric, "size": trial.size, "lr": trial.lr, "seed": trial.seed,
             "config": config.to_dict(),
             "compute": accounting, "target": {"uri": uri, "experiment_id": experiment_id, "run_id": run_id,
-                                              "system_metrics": config.tracking.system_metrics}}
+                                              "system_metrics": config.tracking.system_metrics,
+                                              "flush_timeout": config.tracking.flush_timeout}}
 
 
 def max_concurrent(base: Config, sweep: SweepConfig, resources: dict, gpu: bool, num_trials: int) -> int:
@@ -644,11 +660,12 @@ def _tune(base: Config, sweep: SweepConfig, specs: list[dict], recorded: dict, r
             self._record(TrialResult(**{k: result[k] for k in COLUMNS}))
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            """The trial function itself died (its node lost, killed) after Tune's own retries: crashed."""
             spec, error = trial.config["trial"], trial.get_error()
             message = str(error).strip().splitlines()[-1] if error else "see the Tune output"
             MlflowClient(spec["target"]["uri"]).set_terminated(spec["target"]["run_id"], status="FAILED")
             self._record(TrialResult(spec["name"], spec["size"], spec["compute"]["params"], spec["lr"], spec["seed"],
-                                     "failed", reason=f"trial error: {message[:500]} ({trial.error_file})"))
+                                     "crashed", reason=f"trial error: {message[:500]} ({trial.error_file})"))
 
         def _record(self, row):
             recorded[row.trial] = row
@@ -660,7 +677,9 @@ def _tune(base: Config, sweep: SweepConfig, specs: list[dict], recorded: dict, r
         param_space={"trial": tune.grid_search(specs)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, scheduler=scheduler,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        # A trial whose function dies (its node lost) is restarted by Tune, and resumes its Train run.
         run_config=tune.RunConfig(name=base.run.name, storage_path=storage_path, storage_filesystem=filesystem,
+                                  failure_config=tune.FailureConfig(max_failures=base.train.max_failures),
                                   callbacks=[Recorder()], verbose=1),
     )
     tuner.fit()
@@ -671,8 +690,10 @@ def _trial_name(trial) -> str:
 
 
 def _trial(tune_config: dict) -> None:
-    """A Tune trial: the driver of one grid point's Ray Train run (Train V2 pattern). A diverged or failed run is
-    reported as a failed row with its reason (the MLflow child ends FAILED); the sweep goes on."""
+    """A Tune trial: the driver of one grid point's Ray Train run (Train V2 pattern). A run that diverged or whose
+    data or config the workers could not use is reported as a `failed` row with its reason, one whose workers
+    exhausted train.max_failures as `crashed` (retried by the next run of the sweep); the MLflow child ends FAILED
+    and the sweep goes on."""
     spec = tune_config["trial"]
     config = Config.from_dict(spec["config"])
     import ray.train
@@ -686,25 +707,26 @@ def _trial(tune_config: dict) -> None:
     target, accounting = spec["target"], spec["compute"]
     run_uri = distributed.location(config)[2]
     context = tune.get_context()
-    child = MLflowTracker(target["uri"], run_id=target["run_id"])
+    child = MLflowTracker(target["uri"], run_id=target["run_id"], flush_timeout=target["flush_timeout"])
     child.log_params({"compute": accounting})
     child.set_tags({"ray.trial_id": context.get_trial_id(), "ray.trial_name": context.get_trial_name(),
                     "ray.trial_dir": context.get_trial_dir(), "ray.train_run": run_uri})
     trainer = distributed.trainer(config, target, callbacks=[TuneReportCallback()])
-    metric, summary = spec["metric"], {}
+    metric, summary, status = spec["metric"], {}, "ok"
     try:
         summary = trainer.fit().return_value
         failed = summary.get("failed")
         reason = f"{failed['type']}: {failed['message']}"[:2000] if failed else ""
+        status = "failed" if failed else "ok"
     except ray.train.TrainingFailedError as e:  # workers failed train.max_failures + 1 times
-        reason = distributed.failure_reason(e)[:2000]
+        reason, status = distributed.failure_reason(e)[:2000], "crashed"
     if reason:
-        log.error("trial %s failed: %s", spec["name"], reason)
+        log.error("trial %s %s: %s", spec["name"], status, reason)
     # From the run's history, not the loop's summary: a Train run resumed at its last step trains (and logs) nothing.
     steps = int(_last_logged(target["uri"], target["run_id"], "train/step", 0))
     final = _last_logged(target["uri"], target["run_id"], metric, math.nan)
     row = {"trial": spec["name"], "size": spec["size"], "params": accounting["params"], "lr": spec["lr"],
-           "seed": spec["seed"], "status": "failed" if reason else "ok", "final_loss": final,
+           "seed": spec["seed"], "status": status, "final_loss": final,
            "flops": float(accounting["flops_per_step"] * steps), "reason": reason}
     child.log_metrics({"compute/flops": row["flops"], **({f"final/{metric}": final} if not reason else {})},
                       step=steps)
