@@ -30,13 +30,18 @@ print(json.dumps({'samples': out.tolist(), 'scmlab': scmlab.__file__}))
 
 
 @pytest.mark.slow  # trains, logs, registers, and loads in a second interpreter: about 90 s
-def test_registered_ema_model_loads_in_a_fresh_interpreter(local_services, toy_shards, make_config, tmp_path):
+def test_registered_ema_model_loads_in_a_fresh_interpreter(local_services, toy_shards, make_config, tmp_path,
+                                                          monkeypatch):
     uri = local_services["mlflow"]["tracking_uri"]
     config = make_config(toy_shards, tmp_path / "run", train={"steps": 3},
                          tracking={"kind": "mlflow", "uri": uri, "experiment": "models", "register": "toy-sct",
                                    "register_alias": "candidate"})
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     summary = run(config)
     assert summary["model_uri"] == "models:/toy-sct@candidate"
+    # Logging the model leaves this process's MLFLOW_TRACKING_URI as it was (a later config here would pick it up).
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # where this test's own loads look for models:/ URIs
 
     # The artifact: the EMA weights and what building the network needs, not the raw weights or the optimizer.
     model_dir = mlflow.artifacts.download_artifacts(artifact_uri=summary["model_uri"], dst_path=str(tmp_path / "m"),

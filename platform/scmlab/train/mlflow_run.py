@@ -118,6 +118,9 @@ def log_ema_model(target: Target, checkpoint_path: str, manifest: dict, *, regis
 
     ckpt = checkpoint.load(checkpoint_path)
     example = np.random.default_rng(0).standard_normal((2, *manifest["shape"])).astype(np.float32)
+    # set_tracking_uri also sets MLFLOW_TRACKING_URI in this process's environment, where a config built later in
+    # the same process would find it (a server long gone): set for this call only.
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(target.uri)
     try:
         if not reachable(target.uri):
@@ -138,5 +141,7 @@ def log_ema_model(target: Target, checkpoint_path: str, manifest: dict, *, regis
         log.warning("MLflow at %s: the EMA model was not logged to run %s (%s); it is the checkpoint %s",
                     target.uri, target.run_id, e, checkpoint_path)
         return None
+    finally:
+        mlflow.set_tracking_uri(before)
     log.info("EMA model %s in MLflow run %s", uri, target.run_id)
     return uri
