@@ -126,6 +126,10 @@ def test_async_checkpoint_uploads_resume_and_reach_run_dir_byte_for_byte(ray_clu
         return make_config(toy_shards, tmp_path / "async", train={"steps": steps, "batch_size": 8, "workers": 2,
                                                                   "checkpoint_every": 2, "cpus_per_worker": 1.0})
 
+    def local_copies():  # rank 0's checkpoint files before their upload (killed workers elsewhere leave theirs)
+        return set(glob.glob(os.path.join(tempfile.gettempdir(), "scmlab-step-*")))
+
+    before = local_copies()
     first = run(config(4))
     assert first["ray_checkpoint"] == f"{tmp_path / 'async'}/step-000000004"
     second = run(config(6))  # the same run storage and name: the driver's restart resumes from step 4
@@ -135,4 +139,4 @@ def test_async_checkpoint_uploads_resume_and_reach_run_dir_byte_for_byte(ray_clu
     uploaded = tmp_path / "async" / "step-000000006" / "checkpoint.pt"
     assert open(second["checkpoint"], "rb").read() == uploaded.read_bytes()  # copied, not re-serialized
     # Ray deleted each local copy once its upload finished.
-    assert glob.glob(os.path.join(tempfile.gettempdir(), "scmlab-step-*")) == []
+    assert local_copies() <= before

@@ -126,6 +126,7 @@ def test_worker_killed_mid_run_resumes_in_the_same_mlflow_run(ray_cluster, local
     assert any(k.startswith("system/") for k in info.data.metrics)
 
     # The final EMA weights as an MLflow model that samples.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", config.tracking.uri)  # where runs:/ and models:/ URIs resolve
     model = mlflow.pyfunc.load_model(summary["model_uri"])
     noise = np.random.default_rng(0).standard_normal((3, 2)).astype(np.float32)
     assert model.predict(noise).shape == (3, 2)
