@@ -443,9 +443,9 @@ def run(base: Config, sweep: SweepConfig) -> dict:
                               f"logged: eval.metrics resolves to {eval_metrics(config, manifest)} for this data; set "
                               "eval.metrics")
         prepare_eval(config)  # the classifier and reference statistics, once, before the trials read them
-    distributed.connect()
+    distributed.connect()  # only now: the checks above fail before Ray is touched
     base = distributed.placed(base)  # train.device decided here, for every trial
-    stages = {stage: sweep.stage_base(base, stage) for stage in stages}
+    stages = {stage: sweep.stage_base(base, stage) for stage in stages}  # again, on the placed base
     grid = sweep.trials(base)
     configs = {t.name: trial_config(stages[t.stage], t) for t in grid}  # students: a stand-in teacher until chosen
     accounting = {t.name: compute(configs[t.name], manifest) for t in grid}
