@@ -99,3 +99,62 @@ def test_fsdp_sct_gradients_equal_the_unsharded_step_fp64(fsdp_gradients, arch, 
     assert max(g.abs().max() for g in reference.values()) > 1e-2  # gradients that could differ
     for name, ref in reference.items():
         torch.testing.assert_close(torch.from_numpy(grads[name]), ref, rtol=1e-10, atol=1e-13, msg=name)
+
+
+# --- the training loop under train.parallel: fsdp -------------------------------------------------------------
+
+def _train_rank(rank: int, port: int, configs: dict) -> None:
+    """The runs one after the other in one process group, each rank's batch k a function of (seed, rank, k)."""
+    from test_train import step_indexed_loader
+
+    from scmlab import data
+    from scmlab.config import Config
+    from scmlab.train import train
+
+    data.make_loader = step_indexed_loader  # the real loader reshuffles on resume (statistically equivalent)
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        for name, config in configs:
+            config = Config.from_dict(config)
+            train(config, rank=rank, world_size=2, wrap=parallel.wrapper(config.train.parallel))
+            dist.barrier()  # rank 0 has written the run's last checkpoint before the next run looks for one
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes training 4 short runs: about 30 s of CPU on 2 shared cores
+def test_fsdp_training_equals_ddp_and_resumes_its_checkpoints(toy_shards, make_config, tmp_path):
+    """Through the real loop on 2 gloo workers, with gradient accumulation, clipping and a checkpoint every step:
+    FSDP's weights, EMA and Adam state after 3 steps are DDP's, in DDP's checkpoint layout (so either resumes the
+    other's), and a DDP run resumed under FSDP continues as the uninterrupted run. fp32: the loop's data is."""
+    from scmlab import data
+    from scmlab.config import Config
+    from scmlab.train import checkpoint
+    from scmlab.train.samples import build_model
+
+    def config(name, parallel_kind, steps):
+        return make_config(toy_shards, tmp_path / name, model={"dropout": 0.0}, optim={"grad_clip": 0.05},
+                           train={"steps": steps, "batch_size": 8, "grad_accum": 2, "parallel": parallel_kind,
+                                  "ema_half_life": 20}).to_dict()
+
+    runs = [("ddp", config("ddp", "ddp", 3)), ("fsdp", config("fsdp", "fsdp", 3)),
+            ("resumed", config("resumed", "ddp", 2)), ("resumed", config("resumed", "fsdp", 3))]
+    mp.start_processes(_train_rank, args=(free_port(), runs), nprocs=2, start_method="spawn")
+    ddp, fsdp, resumed = (checkpoint.load(str(tmp_path / name)) for name in ("ddp", "fsdp", "resumed"))
+    assert ddp["step"] == fsdp["step"] == resumed["step"] == 3
+    assert fsdp["config"]["train"]["parallel"] == "fsdp"
+    torch.manual_seed(0)  # train.seed: the loop's initialization
+    initial = build_model(Config.from_dict(runs[0][1]), data.read_manifest(toy_shards)).state_dict()
+    assert all(not torch.equal(ddp["model"][k], initial[k]) for k in ("linear_in.weight", "linear_out.weight"))
+    for other in (fsdp, resumed):
+        for part in ("model", "ema"):
+            assert other[part].keys() == ddp[part].keys()
+            for key, value in ddp[part].items():
+                torch.testing.assert_close(other[part][key], value, rtol=1e-5, atol=1e-6, msg=f"{part}.{key}")
+        assert other["optimizer"]["param_groups"] == ddp["optimizer"]["param_groups"]
+        assert other["optimizer"]["state"].keys() == ddp["optimizer"]["state"].keys()
+        for index, moments in ddp["optimizer"]["state"].items():
+            for key, value in moments.items():
+                torch.testing.assert_close(other["optimizer"]["state"][index][key], value, rtol=1e-5, atol=1e-7,
+                                           msg=f"optimizer.{index}.{key}")

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-PARALLEL_KINDS = ("ddp", "fsdp")
+from ..config import PARALLEL
 
 
 def wrapper(kind: str):
@@ -31,7 +31,7 @@ def wrapper(kind: str):
         return DistributedDataParallel
     if kind == "fsdp":
         return shard
-    raise ValueError(f"train.parallel: {kind!r} is not one of {', '.join(PARALLEL_KINDS)}")
+    raise ValueError(f"train.parallel: {kind!r} is not one of {', '.join(PARALLEL)}")
 
 
 def shard(net: nn.Module) -> nn.Module:
@@ -71,10 +71,10 @@ def full_state(net: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, 
     optim = get_optimizer_state_dict(net, optimizer, options=_options())
     if not optim:
         return model, {}
+    # The optimizer was built on net.parameters(): its own param_groups are an unsharded run's, indices and all.
     index = {name: i for i, (name, _) in enumerate(net.named_parameters())}
     return model, {"state": {index[name]: value for name, value in optim["state"].items()},
-                   "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
-                                    for group in optim["param_groups"]]}
+                   "param_groups": optimizer.state_dict()["param_groups"]}
 
 
 def load_optimizer(net: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -87,3 +87,5 @@ def load_optimizer(net: nn.Module, optimizer: torch.optim.Optimizer, state: dict
                "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
                                 for group in state["param_groups"]]}
     set_optimizer_state_dict(net, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    for group, saved in zip(optimizer.param_groups, state["param_groups"]):  # as saved: the load makes Adam's
+        group.update({key: value for key, value in saved.items() if key != "params"})  # betas a list
