@@ -246,3 +246,26 @@ def test_students_start_from_their_teacher_preset(student):
         assert s.objective.teacher == t.run.dir
         assert (s.model.arch, s.model.size, s.data.train) == (t.model.arch, t.model.size, t.data.train)
         assert s.train.batch_size == t.train.batch_size  # App. G.2: the teacher's batch size
+
+
+def test_gpu_presets_fit_the_shipped_cluster():
+    """Issue 14: every GPU preset and GPU study, at every size, can be placed on cluster.yaml at full scale (4 GPUs),
+    keeping its global batch through gradient accumulation (the paper presets: micro-batches of 32 per GPU)."""
+    import yaml
+
+    from scmlab.train import distributed
+    from scmlab.tune.sweep import load_sweep
+
+    with open(os.path.join(ROOT, "cluster.yaml")) as f:
+        nodes = distributed.configured_nodes(yaml.safe_load(f), "cluster.yaml")
+    configs = [(f"{name} {size or ''}", resolve(name, size)) for name in TRAINING_PRESETS for size in sizes_of(name)]
+    configs += [(os.path.basename(p), load_sweep(p, ["tracking.uri=http://127.0.0.1:5000"])[0])
+                for p in glob.glob(os.path.join(CONFIGS, "sweep-study-*.yaml"))]
+    on_gpu = [(name, config) for name, config in configs if config.train.device == "cuda"]
+    assert len(on_gpu) >= 10
+    for name, config in on_gpu:
+        distributed.check_fits(config, nodes, gpu=True)
+        train = config.train
+        micro = train.batch_size // (train.workers * train.grad_accum)
+        assert micro * train.workers * train.grad_accum == train.batch_size, name
+        assert micro == 32 or not name.startswith(("cifar10-", "imagenet")), (name, micro)
