@@ -183,9 +183,10 @@ def train(config: Config, *, rank: int = 0, world_size: int = 1, wrap=None, prog
             with open(os.path.join(run_dir, "config.yaml"), "w") as f:
                 f.write(config.to_yaml())
             log.info("%s %s/%s: %.2fM parameters, data %s %s, %d classes, device %s, autocast %s, %d worker(s) x "
-                     "batch %d", config.objective.kind, config.model.arch, config.model.size,
+                     "batch %d%s", config.objective.kind, config.model.arch, config.model.size,
                      sum(p.numel() for p in net.parameters()) / 1e6, manifest["kind"], manifest["shape"],
-                     manifest.get("num_classes", 0), device, amp, world_size, local_batch)
+                     manifest.get("num_classes", 0), device, amp, world_size, local_batch,
+                     ", weights sharded (FSDP2)" if parallel.is_sharded(net) else "")
             run.log_params(config.to_dict())
             run.set_tags({"scmlab.kind": config.objective.kind, "scmlab.data": config.data.train,
                           "scmlab.workers": str(world_size), "scmlab.device": str(device)})
