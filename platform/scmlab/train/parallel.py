@@ -36,15 +36,18 @@ def wrapper(kind: str):
 
 def shard(net: nn.Module) -> nn.Module:
     """fully_shard each residual block (the entries of the network's top-level ModuleLists: MLP and DiT `blocks`,
-    UNet `enc` and `dec`), then the rest with the root, over all the workers; returns `net`, now sharded in place.
-    One block's weights are whole at a time, in its forward and in its backward."""
+    UNet `enc` and `dec`), then the rest with the root, over all the workers, on the device the network is on (FSDP2's
+    default is CUDA whenever there is one); returns `net`, now sharded in place. One block's weights are whole at a
+    time, in its forward and in its backward."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh(next(net.parameters()).device.type, (torch.distributed.get_world_size(),))
     for child in net.children():
         if isinstance(child, nn.ModuleList):
             for block in child:
-                fully_shard(block)
-    return fully_shard(net)
+                fully_shard(block, mesh=mesh)
+    return fully_shard(net, mesh=mesh)
 
 
 def is_sharded(net: nn.Module) -> bool:
