@@ -32,6 +32,7 @@ def load(*overrides):
     ("optim.betas=[0.9]", "optim.betas: must be two numbers"),
     ("optim.schedule=inv_sqrt", "optim.t_ref: must be > 0 with optim.schedule=inv_sqrt"),
     ("train.precision=fp16", "train.precision: 'fp16' is not one of auto, fp32, bf16"),
+    ("train.parallel=zero3", "train.parallel: 'zero3' is not one of ddp, fsdp"),
     ("optim.lr=.inf", "optim.lr: expected a finite number, got inf"),
     ("objective.P_mean=.nan", "objective.P_mean: expected a finite number, got nan"),
     ("train.ema_half_life=-.inf", "train.ema_half_life: expected a finite number, got -inf"),

@@ -173,6 +173,23 @@ def test_diverging_run_stops_without_retries_and_keeps_the_last_good_checkpoint(
     assert not os.path.exists(tmp_path / "diverged" / "step-000000004")
 
 
+def test_fsdp_workers_write_a_checkpoint_in_ddp_layout(ray_cluster, toy_shards, make_config, tmp_path):
+    """train.parallel=fsdp on 2 Ray Train workers (the loop's equality with DDP: tests/test_fsdp.py): the driver's
+    checkpoint holds whole tensors, the optimizer's state keyed by parameter index, as a DDP run's."""
+    config = make_config(toy_shards, tmp_path / "fsdp", train={"steps": 2, "workers": 2, "parallel": "fsdp"})
+    summary = run(config)
+    state = checkpoint.load(summary["checkpoint"])
+    assert state["step"] == 2 and state["config"]["train"]["parallel"] == "fsdp"
+    tensors = [*state["model"].values(), *(v for s in state["optimizer"]["state"].values() for v in s.values())]
+    assert all(type(v) is torch.Tensor for v in tensors)  # no DTensor shards
+    params = state["optimizer"]["param_groups"][0]["params"]
+    assert params == list(range(len(params))) == sorted(state["optimizer"]["state"])
+    assert state["model"].keys() == state["ema"].keys()
+    assert all(state["model"][k].shape == state["ema"][k].shape for k in state["model"])
+    logs = glob.glob(os.path.join(ray_cluster["temp_dir"], "session_*", "logs", "**", "worker-*"), recursive=True)
+    assert any(b"2 worker(s) x batch 4, weights sharded (FSDP2)" in open(f, "rb").read() for f in logs)
+
+
 def test_ray_job_submit_streams_from_s3_and_logs_to_mlflow(ray_cluster, local_services, s3_toy_shards, tmp_path):
     summary_path = tmp_path / "summary.json"
     command = ["ray", "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", ROOT, "--",

@@ -269,3 +269,11 @@ def test_gpu_presets_fit_the_shipped_cluster():
         micro = train.batch_size // (train.workers * train.grad_accum)
         assert micro * train.workers * train.grad_accum == train.batch_size, name
         assert micro == 32 or not name.startswith(("cifar10-", "imagenet")), (name, micro)
+
+
+def test_xl_and_xxl_presets_shard_over_their_workers():
+    """Issue 14: the ImageNet presets' XL and XXL sizes train with FSDP (their replicas outgrow the shipped cluster's
+    GPUs), the smaller ones with DDP."""
+    for name in (n for n in TRAINING_PRESETS if n.startswith("imagenet")):
+        for size in sizes_of(name):
+            assert resolve(name, size).train.parallel == ("fsdp" if size in ("XL", "XXL") else "ddp"), (name, size)

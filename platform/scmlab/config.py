@@ -28,6 +28,7 @@ SCHEDULES = ("constant", "inv_sqrt")
 EMA_PROFILES = ("halflife", "power")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")
 ON_ERROR = ("raise", "skip")
 TRACKERS = ("auto", "none", "mlflow")
 EVAL_METRICS = ("fid", "kid", "fd", "prdc", "energy", "swd")  # scmlab.eval.metrics
@@ -245,8 +246,13 @@ class TrainConfig:
     precision: str = "auto"
     """`auto` (bf16 autocast on CUDA, fp32 on CPU), `fp32` or `bf16` (autocast)."""
     workers: int = 0
-    """Ray Train workers, each a process with a DDP replica (one GPU each when training on CUDA). 0 = train in this
-    process, without Ray."""
+    """Ray Train workers, each a process with a DDP replica or an FSDP shard (train.parallel; one GPU each when
+    training on CUDA). 0 = train in this process, without Ray."""
+    parallel: str = "ddp"
+    """How the train.workers (>= 2) share the network: `ddp`, a whole replica each; `fsdp`, FSDP2 (fully_shard) shards
+    of the weights, gradients and Adam state, each residual block gathered for its forward and backward (for models
+    whose replica does not fit a GPU: the XL/XXL presets). Every micro-batch reduce-scatters its gradients (they stay
+    sharded); the EMA stays whole on every worker; checkpoints are interchangeable with DDP's."""
     cpus_per_worker: float = 1.0
     """CPUs Ray reserves for each worker (its data loading runs there too: count data.num_workers in)."""
     max_failures: int = 3
@@ -267,6 +273,7 @@ class TrainConfig:
                f"train.ema_sigma_rel: must be in (0, 0.28), got {self.ema_sigma_rel} (the paper: 0.05)")
         _one_of("train.device", self.device, DEVICES)
         _one_of("train.precision", self.precision, PRECISIONS)
+        _one_of("train.parallel", self.parallel, PARALLEL)
         _check(self.cpus_per_worker > 0, f"train.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
         _check(self.max_failures >= -1, f"train.max_failures: must be >= -1 (-1 = no limit), got {self.max_failures}")
         _check(self.batch_size % max(self.workers, 1) == 0,

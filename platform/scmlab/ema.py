@@ -11,6 +11,7 @@ import copy
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 
 def power_gamma(sigma_rel: float) -> float:
@@ -43,7 +44,9 @@ class EMA:
     def update(self, model: torch.nn.Module, step: int) -> None:
         # One multi-tensor kernel for all the parameters (the foreach form of p_ema.lerp_(p, 1 - beta) each), as
         # torch.optim's foreach optimizers do; a kernel launch per tensor costs more than the update on a GPU.
-        targets = [p.detach() for p in model.parameters()]
+        # A sharded model's (FSDP2, scmlab.train.parallel) parameters are gathered whole: the average stays a plain
+        # module on every rank, for sampling and checkpoints alike (a collective: every rank updates).
+        targets = [p.full_tensor() if isinstance(p, DTensor) else p.detach() for p in model.parameters()]
         torch._foreach_lerp_(list(self.module.parameters()), targets, 1 - self.beta(step))
         for b_ema, b in zip(self.module.buffers(), model.buffers()):
             b_ema.copy_(b)

@@ -8,8 +8,9 @@ Three ways to compute it (``objective.jvp``):
 - ``fused`` (the default): the tangent is carried through the training forward itself, layer by layer
   (scmlab.tangent), so F_theta^- is the training forward's own value and the JVP costs one linear pass with no
   primal recomputed and nothing stored for the backward. Networks take it as ``net(..., tangent=(dx, dt))``.
-- ``autograd``: exact forward-mode AD (``torch.func.jvp``) on the *unwrapped* module (it fails through DDP/FSDP
-  wrappers; theta^- is a stop-gradient, so running it outside the wrapper is exact).
+- ``autograd``: exact forward-mode AD (``torch.func.jvp``) on the *unwrapped* module (it fails through DDP's
+  wrapper; theta^- is a stop-gradient, so running it outside the wrapper is exact). FSDP2's fully_shard is no
+  wrapper: the JVP runs through its hooks, which gather the sharded weights (tests/test_fsdp.py).
 - ``fd``: central finite differences, three forward passes.
 
 The last two (``network_jvp``) evaluate the network under the same random state (dropout masks), which is also the

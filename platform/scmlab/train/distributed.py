@@ -1,4 +1,5 @@
-"""Ray Train: the training loop on `train.workers` processes with DDP (gloo on CPU, NCCL on GPU), fault tolerant.
+"""Ray Train: the training loop on `train.workers` processes with DDP or FSDP2 (train.parallel; gloo on CPU, NCCL on
+GPU), fault tolerant.
 
 `fit` builds a `ray.train.torch.TorchTrainer` from the config: one worker per replica (`train.cpus_per_worker` CPUs,
 and one GPU each when training on CUDA), the global batch train.batch_size split evenly over the workers, run
@@ -10,6 +11,7 @@ barrier), and a restarted worker group resumes from `ray.train.get_checkpoint()`
 same storage and name). The fused sCM step (objective.jvp=fused) is one call through the DDP wrapper, its tangent
 outside the graph; with a separate JVP pass (autograd, fd) the JVP runs on the module inside the wrapper
 (scmlab.objectives), so forward-mode AD never meets DDP's hooks; theta^- is a stop-gradient, which makes that exact.
+Under FSDP2 (scmlab.train.parallel) both run through fully_shard's hooks, which gather each block's weights.
 
 A run whose loss keeps diverging, or whose data or config the workers cannot use, is not retried (it would fail the
 same way again): the workers return the error (`NOT_RETRIED`), and `fit` raises it with the message of rank 0.
@@ -25,7 +27,7 @@ import torch
 
 from ..config import Config, ConfigError
 from ..data import DataError
-from . import checkpoint, mlflow_run
+from . import checkpoint, mlflow_run, parallel
 from .loop import TrainingDiverged, train
 
 log = logging.getLogger(__name__)
@@ -153,10 +155,10 @@ class RayCheckpoints:
 
 
 def worker(loop_config: dict) -> dict:
-    """A Ray Train worker: the loop on this rank's share of the batch, DDP-wrapped."""
+    """A Ray Train worker: the loop on this rank's share of the batch, its network a DDP replica or FSDP2 shards
+    (train.parallel)."""
     config = Config.from_dict(loop_config["config"])
     import ray.train
-    from torch.nn.parallel import DistributedDataParallel
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("scmlab").setLevel(logging.INFO)  # the step lines; libraries stay at WARNING
@@ -164,7 +166,8 @@ def worker(loop_config: dict) -> dict:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     target = mlflow_run.Target(**loop_config["target"]) if loop_config["target"] else None
     try:
-        return train(config, rank=rank, world_size=world_size, wrap=DistributedDataParallel if world_size > 1 else None,
+        return train(config, rank=rank, world_size=world_size,
+                     wrap=parallel.wrapper(config.train.parallel) if world_size > 1 else None,
                      checkpoints=RayCheckpoints(rank, loop_config["run_uri"]),
                      tracker=functools.partial(mlflow_run.open_tracker, target))
     except NOT_RETRIED as e:  # every rank stops here at the same step (the loop agrees on it)

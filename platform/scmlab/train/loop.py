@@ -1,10 +1,10 @@
 """The training loop: steps, mixed precision, EMA, NaN guard, checkpoints, sample grids. No framework.
 
 `train(config)` runs one process's share of a run. A launcher (Ray Train: scmlab.train.distributed) passes `rank`,
-`world_size`, a `wrap` (DistributedDataParallel), its checkpoint store and a tracker; nothing here reads global
-state. Each step reseeds every random draw (data
-order, t, z, dropout, label dropout) from (seed, rank, step), so a run resumed from a checkpoint takes the same steps
-as an uninterrupted one. Metrics are namespaced (loss/, tangent/, weight/, optim/, time/, data/, train/).
+`world_size`, a `wrap` (DistributedDataParallel, or FSDP2's sharding: scmlab.train.parallel), its checkpoint store
+and a tracker; nothing here reads global state. Each step reseeds every random draw (data order, t, z, dropout,
+label dropout) from (seed, rank, step), so a run resumed from a checkpoint takes the same steps as an uninterrupted
+one. Metrics are namespaced (loss/, tangent/, weight/, optim/, time/, data/, train/).
 """
 
 import contextlib
@@ -22,7 +22,7 @@ from ..config import Config, ConfigError
 from ..ema import EMA
 from ..objectives import DiffusionLoss, SCMLoss
 from ..tracking import NullTracker
-from . import checkpoint
+from . import checkpoint, parallel
 from .samples import build_model, class_labels, ema_model, sample_data, save_grid
 
 log = logging.getLogger(__name__)
@@ -158,13 +158,20 @@ def train(config: Config, *, rank: int = 0, world_size: int = 1, wrap=None, prog
             init_from_teacher(net, teacher, config.objective.teacher)
     ema = EMA(net, batch_size=cfg.batch_size, **({"half_life_images": cfg.ema_half_life} if cfg.ema == "halflife"
                                                   else {"sigma_rel": cfg.ema_sigma_rel}))
-    optimizer = build_optimizer(config, net.parameters(), device)
     state = {"step": 0, "bad_steps": 0}
     if resumed:
         net.load_state_dict(resumed["model"])
         ema.load_state_dict(resumed["ema"])
-        optimizer.load_state_dict(resumed["optimizer"])
         state = {"step": resumed["step"], "bad_steps": resumed["bad_steps"]}
+    # Wrapped before the optimizer is built: FSDP2 replaces the parameters by their shards (a checkpoint holds whole
+    # tensors, loaded above into the whole network).
+    model = wrap(net) if wrap is not None else net
+    optimizer = build_optimizer(config, net.parameters(), device)
+    if resumed:
+        if parallel.is_sharded(net):
+            parallel.load_optimizer(net, optimizer, resumed["optimizer"])
+        else:
+            optimizer.load_state_dict(resumed["optimizer"])
         log.info("resumed at step %d", state["step"])
     run = (tracker or (lambda run_id: NullTracker()))(resumed and resumed.get("mlflow_run_id")) if rank == 0 \
         else NullTracker()
@@ -176,18 +183,18 @@ def train(config: Config, *, rank: int = 0, world_size: int = 1, wrap=None, prog
             with open(os.path.join(run_dir, "config.yaml"), "w") as f:
                 f.write(config.to_yaml())
             log.info("%s %s/%s: %.2fM parameters, data %s %s, %d classes, device %s, autocast %s, %d worker(s) x "
-                     "batch %d", config.objective.kind, config.model.arch, config.model.size,
+                     "batch %d%s", config.objective.kind, config.model.arch, config.model.size,
                      sum(p.numel() for p in net.parameters()) / 1e6, manifest["kind"], manifest["shape"],
-                     manifest.get("num_classes", 0), device, amp, world_size, local_batch)
+                     manifest.get("num_classes", 0), device, amp, world_size, local_batch,
+                     ", weights sharded (FSDP2)" if parallel.is_sharded(net) else "")
             run.log_params(config.to_dict())
             run.set_tags({"scmlab.kind": config.objective.kind, "scmlab.data": config.data.train,
                           "scmlab.workers": str(world_size), "scmlab.device": str(device)})
             if state["step"]:
                 run.log_metrics({"train/resumed_from": state["step"]}, step=state["step"])
-        return _steps(config, rank=rank, world_size=world_size, model=wrap(net) if wrap is not None else net,
-                      net=net, ema=ema, optimizer=optimizer, teacher=teacher, manifest=manifest, state=state,
-                      store=store, run=run, device=device, amp=amp, local_batch=local_batch, progress=progress,
-                      evaluator=evaluator)
+        return _steps(config, rank=rank, world_size=world_size, model=model, net=net, ema=ema, optimizer=optimizer,
+                      teacher=teacher, manifest=manifest, state=state, store=store, run=run, device=device, amp=amp,
+                      local_batch=local_batch, progress=progress, evaluator=evaluator)
 
 
 def _evaluator(config: Config, manifest: dict, rank: int, world_size: int, device, resumed: dict | None):
@@ -213,9 +220,11 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
     if config.model.guidance_input and config.objective.guidance_max == 1:
         guidance = torch.full((local_batch,), config.objective.guidance_scale, device=device)
     distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    sharded = parallel.is_sharded(net)
 
-    def snapshot() -> dict:
-        return {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+    def snapshot(gathered: tuple[dict, dict] | None) -> dict:
+        model_state, optimizer_state = gathered or (net.state_dict(), optimizer.state_dict())
+        return {"model": model_state, "ema": ema.state_dict(), "optimizer": optimizer_state,
                 "step": state["step"], "bad_steps": state["bad_steps"], "config": config.to_dict(),
                 "manifest": manifest, "mlflow_run_id": run.run_id,
                 "eval": evaluator.state_dict() if evaluator is not None else None}
@@ -260,7 +269,9 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
             guidance=guidance,
             autocast=lambda: torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None))
         loss = per_sample.mean()
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), config.optim.grad_clip or math.inf)
+        # A sharded model's norm is a replicated DTensor: its local value is the whole norm.
+        grad_norm = parallel.local(torch.nn.utils.clip_grad_norm_(net.parameters(),
+                                                                  config.optim.grad_clip or math.inf))
         # Gradients (hence their norm) are all-reduced under DDP, the loss is not: agree on the decision, so that
         # every rank skips the same steps and stops at the same step (-1: a rank could not read its data). The flag
         # is formed on the device and read once: the step's only wait for the device (the metrics stay there until a
@@ -315,7 +326,8 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
         # A preemption notice (spot) is asked for at log steps (a collective), and answered with a checkpoint now.
         if state["step"] % cfg.checkpoint_every == 0 or done or (logged and store.preempted()):
             _refuse_nonfinite(net, ema, optimizer, state["step"], store, device, distributed)
-            uri = store.save(snapshot, state["step"], summary["metrics"])
+            gathered = parallel.full_state(net, optimizer) if sharded else None  # a collective: every rank
+            uri = store.save(lambda: snapshot(gathered), state["step"], summary["metrics"])
             if rank == 0:
                 summary["checkpoint"] = uri
                 run.set_tags({"checkpoint.latest": uri, "checkpoint.latest_step": str(state["step"])})
@@ -335,8 +347,10 @@ def backward(objective, model, x0, labels, t, z, *, step: int, generator, micro_
     """Forward and backward of one step's local batch (x0, labels, t, z, guidance: B rows) in `micro_batches` equal
     parts (gradient accumulation, train.grad_accum). Each part back-propagates the sum of its per-sample losses over
     B, so the gradients add up to those of the whole batch's mean loss; under DDP every part but the last runs in
-    `no_sync()`, so the gradients are all-reduced once. The forwards run under `autocast()`, the backwards outside
-    it. Returns the per-sample losses (B,) and the statistics: the parts' mean, or their maximum for `*_max` keys."""
+    `no_sync()`, so the gradients are all-reduced once. An FSDP2 model (no `no_sync`) reduce-scatters every part's:
+    its gradients stay sharded, where skipping the sync would hold them whole on every rank. The forwards run under
+    `autocast()`, the backwards outside it. Returns the per-sample losses (B,) and the statistics: the parts' mean,
+    or their maximum for `*_max` keys."""
     B = x0.shape[0]
     size = B // micro_batches
     no_sync = getattr(model, "no_sync", None)
@@ -374,7 +388,7 @@ def _refuse_nonfinite(net, ema, optimizer, step: int, store, device, distributed
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
     tensors |= {f"optimizer.{i}.{k}": v for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()
                 if torch.is_tensor(v)}
-    tensors = {k: v for k, v in tensors.items() if v.is_floating_point()}
+    tensors = {k: parallel.local(v) for k, v in tensors.items() if v.is_floating_point()}  # a rank's shards
     finite = torch.stack([torch.isfinite(v).all() for v in tensors.values()]).to(device)
     ok = finite.all().float()
     if distributed:
