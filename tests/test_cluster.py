@@ -2,7 +2,6 @@
 node types rather than the GPUs up at submit time, S3's region from the SDK's chain, and train.workers that no node
 set can ever hold refused at once (issue 13 item 8)."""
 
-import os
 import re
 import shlex
 import time
