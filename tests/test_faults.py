@@ -313,7 +313,7 @@ def test_spot_reclaim_notice_checkpoints_at_once_and_the_run_resumes_from_it(ray
     train.max_failures 0: Ray counts the restart as a preemption (FailureConfig.max_preemption_failures)."""
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")  # Ray Train hands both to its controller
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # (defaults 5 s and 2 s)
-    steps, log_every = 400, 10
+    steps, log_every = 800, 10
     run_name = f"spot-{os.getpid()}"
     storage = tmp_path / "storage"
     config = make_config(toy_shards, tmp_path / "run",
@@ -339,10 +339,10 @@ def test_spot_reclaim_notice_checkpoints_at_once_and_the_run_resumes_from_it(ray
         on_spot = [p for p in spot["raylet"].children(recursive=True)
                    if "RayTrainWorker" in " ".join(p.cmdline()) + p.name()]
         assert len(on_spot) == 1 and not ray_workers(ray_cluster)  # the worker is on the spot node
-        # The notice's deadline at 40% of the time the run still needs (at its speed so far, the first log step
-        # left out): the worker trains on until it, as on a reclaimed node.
+        # The notice's deadline at 25% of the time the run still needs (at its speed so far, the first log step
+        # left out; a run speeds up after its first steps): the worker trains on until it, as on a reclaimed node.
         rate = (history[-1].value - history[1].value) / (history[-1].timestamp - history[1].timestamp) * 1000
-        notice_s = max(3, int(0.4 * (steps - history[-1].value) / rate))
+        notice_s = max(3, int(0.25 * (steps - history[-1].value) / rate))
         sent = time.time()  # the notice's deadline is notice_s after a moment between this and its return
         drain = subprocess.run(
             ["scmlab", "services", "run", "--home", str(local_services["home"]), "--", "ray", "drain-node",
