@@ -2,7 +2,6 @@
 node types rather than the GPUs up at submit time, S3's region from the SDK's chain, and train.workers that no node
 set can ever hold refused at once (issue 13 item 8)."""
 
-import os
 import re
 import shlex
 import time
@@ -116,8 +115,7 @@ def test_more_workers_than_the_cluster_can_ever_hold_fail_at_once(ray_cluster, t
 @pytest.mark.slow  # two short Ray Train runs: about a minute
 def test_async_checkpoint_uploads_resume_and_reach_run_dir_byte_for_byte(ray_cluster, toy_shards, make_config,
                                                                          tmp_path):
-    import glob
-    import tempfile
+    import shutil
 
     from scmlab.train import checkpoint
     from scmlab.train.driver import run
@@ -126,17 +124,24 @@ def test_async_checkpoint_uploads_resume_and_reach_run_dir_byte_for_byte(ray_clu
         return make_config(toy_shards, tmp_path / "async", train={"steps": steps, "batch_size": 8, "workers": 2,
                                                                   "checkpoint_every": 2, "cpus_per_worker": 1.0})
 
-    def local_copies():  # rank 0's checkpoint files before their upload (killed workers elsewhere leave theirs)
-        return set(glob.glob(os.path.join(tempfile.gettempdir(), "scmlab-step-*")))
-
-    before = local_copies()
-    first = run(config(4))
-    assert first["ray_checkpoint"] == f"{tmp_path / 'async'}/step-000000004"
-    second = run(config(6))  # the same run storage and name: the driver's restart resumes from step 4
-    final = checkpoint.load(second["checkpoint"])
-    assert second["step"] == final["step"] == 6
-    assert all(s["step"] == 6 for s in final["optimizer"]["state"].values())  # steps 5 and 6 only, once each
-    uploaded = tmp_path / "async" / "step-000000006" / "checkpoint.pt"
-    assert open(second["checkpoint"], "rb").read() == uploaded.read_bytes()  # copied, not re-serialized
-    # Ray deleted each local copy once its upload finished.
-    assert local_copies() <= before
+    # What workers killed before their upload leave on this node: a local copy of this run's, and one of another run
+    copies = Path(distributed.local_copies(distributed.run_uri(config(4).with_absolute_paths())))
+    other = Path(distributed.local_copies(f"{tmp_path}/other"))
+    for directory in (copies, other):
+        (directory / "step-000000002-x").mkdir(parents=True)
+        (directory / "step-000000002-x" / "checkpoint.pt").write_bytes(b"cut short")
+    try:
+        first = run(config(4))
+        assert first["ray_checkpoint"] == f"{tmp_path / 'async'}/step-000000004"
+        assert not (copies / "step-000000002-x").exists()  # cleared by the run's workers when they started
+        assert (other / "step-000000002-x" / "checkpoint.pt").read_bytes() == b"cut short"  # never another run's
+        second = run(config(6))  # the same run storage and name: the driver's restart resumes from step 4
+        final = checkpoint.load(second["checkpoint"])
+        assert second["step"] == final["step"] == 6
+        assert all(s["step"] == 6 for s in final["optimizer"]["state"].values())  # steps 5 and 6 only, once each
+        uploaded = tmp_path / "async" / "step-000000006" / "checkpoint.pt"
+        assert open(second["checkpoint"], "rb").read() == uploaded.read_bytes()  # copied, not re-serialized
+        assert list(copies.iterdir()) == []  # Ray deleted each local copy once its upload finished
+    finally:
+        shutil.rmtree(copies, ignore_errors=True)
+        shutil.rmtree(other, ignore_errors=True)

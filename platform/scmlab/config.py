@@ -256,7 +256,8 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     """CPUs Ray reserves for each worker (its data loading runs there too: count data.num_workers in)."""
     max_failures: int = 3
-    """Ray Train restarts the workers from the last checkpoint after up to this many failures (-1 = no limit)."""
+    """Ray Train restarts the workers from the last checkpoint after up to this many failures (-1 = no limit);
+    preemptions (a node drained with notice) are not counted."""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "max_bad_steps"):

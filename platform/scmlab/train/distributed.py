@@ -4,11 +4,10 @@ GPU), fault tolerant.
 `fit` builds a `ray.train.torch.TorchTrainer` from the config: one worker per replica (`train.cpus_per_worker` CPUs,
 and one GPU each when training on CUDA), the global batch train.batch_size split evenly over the workers, run
 storage `run.storage`/`run.name` (a shared directory or s3://, through a pyarrow S3 filesystem with the data's
-endpoint settings), `CheckpointConfig(num_to_keep=train.keep_checkpoints)` and
-`FailureConfig(max_failures=train.max_failures)`. Each worker runs `scmlab.train.loop.train` with
-`RayCheckpoints`: rank 0 writes the checkpoint, every rank calls `ray.train.report` at the same steps (it is a
-barrier), and a restarted worker group resumes from `ray.train.get_checkpoint()` (also a driver restarted with the
-same storage and name). The fused sCM step (objective.jvp=fused) is one call through the DDP wrapper, its tangent
+endpoint settings), `CheckpointConfig(num_to_keep=train.keep_checkpoints)` and `failure_config`. Each worker runs
+`scmlab.train.loop.train` with `RayCheckpoints`: rank 0 writes the checkpoint, every rank calls `ray.train.report`
+at the same steps (it is a barrier), and a restarted worker group resumes from `ray.train.get_checkpoint()` (also a
+driver restarted with the same storage and name). The fused sCM step (objective.jvp=fused) is one call through the DDP wrapper, its tangent
 outside the graph; with a separate JVP pass (autograd, fd) the JVP runs on the module inside the wrapper
 (scmlab.objectives), so forward-mode AD never meets DDP's hooks; theta^- is a stop-gradient, which makes that exact.
 Under FSDP2 (scmlab.train.parallel) both run through fully_shard's hooks, which gather each block's weights.
@@ -19,8 +18,10 @@ same way again): the workers return the error (`NOT_RETRIED`), and `fit` raises 
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
+import shutil
 import tempfile
 
 import torch
@@ -97,13 +98,27 @@ def failure_reason(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
+def local_copies(run_uri: str) -> str:
+    """Where rank 0 writes a run's checkpoints on its node before Ray uploads them: TMPDIR/scmlab-checkpoints/KEY,
+    KEY the first 16 hex digits of the SHA-256 of the run's URI (`run_uri`). Ray deletes each copy once it is in
+    storage; a worker killed before that leaves it behind, and the run's next workers clear the directory."""
+    key = hashlib.sha256(run_uri.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "scmlab-checkpoints", key)
+
+
 class RayCheckpoints:
-    """The loop's checkpoint store on a Ray Train worker: Ray's run storage, `step-NNNNNNNNN/checkpoint.pt`."""
+    """The loop's checkpoint store on a Ray Train worker: Ray's run storage, `step-NNNNNNNNN/checkpoint.pt`.
+
+    Made by every worker when it starts (before the loop's first collective), it deletes the local copies that an
+    earlier worker group of the same run left on this node (`local_copies`): when Ray starts a worker group, the
+    previous one of the run is gone, so none of them is still being uploaded. Other runs' copies are left alone."""
 
     def __init__(self, rank: int, run_uri: str):
         import ray.train
 
         self.rank, self.run_uri = rank, run_uri
+        self.copies = local_copies(run_uri)
+        shutil.rmtree(self.copies, ignore_errors=True)
         self.preemption_saved = False
         found = ray.train.get_checkpoint()
         self.found = found
@@ -124,7 +139,8 @@ class RayCheckpoints:
         name = f"step-{step:09d}"
         report = None
         if self.rank == 0:
-            directory = tempfile.mkdtemp(prefix=f"scmlab-{name}-")
+            os.makedirs(self.copies, exist_ok=True)
+            directory = tempfile.mkdtemp(prefix=f"{name}-", dir=self.copies)
             torch.save(state(), os.path.join(directory, CHECKPOINT_FILE))
             report = ray.train.Checkpoint.from_directory(directory)
         # Every rank, the same number of times: a barrier. Ray registers the checkpoint once it is whole in storage,
@@ -144,9 +160,13 @@ class RayCheckpoints:
         rank calls it at the same steps."""
         import ray.train
 
-        if self.preemption_saved or ray.train.get_preemption_info() is None:
+        if self.preemption_saved:
             return False
-        log.warning("preemption notice: writing a checkpoint now")
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return False
+        log.warning("preemption notice for ranks %s (deadline %s ms): writing a checkpoint now", info.preempted_ranks,
+                    info.deadline_ms)
         self.preemption_saved = True
         return True
 
@@ -269,10 +289,23 @@ def checkpoint_config(config: Config):
                             checkpoint_score_order="min")
 
 
+def failure_config(config: Config):
+    """Restarts: train.max_failures for failures, and no limit for preemptions, which Ray 2.60 counts apart
+    (`FailureConfig.max_preemption_failures`). A node drained for preemption (the autoscaler's spot reclaim notice,
+    `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`) reaches the workers through `get_preemption_info`: they
+    write a checkpoint at the next log step (`RayCheckpoints.preempted`) and go on training until the notice's
+    deadline, when Ray Train stops them and restarts the group, from that checkpoint, on other nodes; a node that dies
+    after its deadline counts as preempted too. A reclaim is not the run's fault and loses only the steps between its
+    notice and its deadline, so none is refused. A node lost before its deadline or without notice counts as a failure."""
+    from ray.train import FailureConfig
+
+    return FailureConfig(max_failures=config.train.max_failures, max_preemption_failures=-1)
+
+
 def trainer(config: Config, target: dict | None, callbacks=()):
     """The TorchTrainer of a run (config.run.dir already absolute): `worker` on train.workers processes, storage,
     checkpoint retention and restarts from the config. `target` is the MLflow run (mlflow_run.Target as a dict)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage_path, filesystem, run_uri = location(config)
@@ -288,7 +321,7 @@ def trainer(config: Config, target: dict | None, callbacks=()):
         run_config=RunConfig(
             name=config.run.name, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=checkpoint_config(config),
-            failure_config=FailureConfig(max_failures=config.train.max_failures), callbacks=list(callbacks)),
+            failure_config=failure_config(config), callbacks=list(callbacks)),
     )
 
 

@@ -323,8 +323,10 @@ def _steps(config: Config, *, rank, world_size, model, net, ema, optimizer, teac
                 run.log_metrics(metrics, step=state["step"])
         if evaluator is not None and evaluator.due(state["step"], done):
             summary["metrics"] = {**summary["metrics"], **evaluator(ema.module, state["step"], run)}
-        # A preemption notice (spot) is asked for at log steps (a collective), and answered with a checkpoint now.
-        if state["step"] % cfg.checkpoint_every == 0 or done or (logged and store.preempted()):
+        # A preemption notice (spot) is asked for at every log step (a collective) and answered with a checkpoint
+        # now: this step's own when it is a checkpoint step, so that a notice costs one checkpoint, not two.
+        notice = logged and store.preempted()
+        if state["step"] % cfg.checkpoint_every == 0 or done or notice:
             _refuse_nonfinite(net, ema, optimizer, state["step"], store, device, distributed)
             gathered = parallel.full_state(net, optimizer) if sharded else None  # a collective: every rank
             uri = store.save(lambda: snapshot(gathered), state["step"], summary["metrics"])
