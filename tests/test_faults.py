@@ -1,6 +1,5 @@
 """Faults on real services: the MLflow server killed mid-run (and back 20 s later, or never), a whole Ray node lost,
-a spot node reclaimed after a preemption notice, a sweep driver SIGKILLed mid-trial, a job submitted from another
-directory with relative paths. Each run either completes or stops with one clear message, and nothing already
+a sweep driver SIGKILLed mid-trial, a job submitted from another directory with relative paths. Each run either completes or stops with one clear message, and nothing already
 written is lost."""
 
 import contextlib
@@ -300,75 +299,3 @@ def test_job_submitted_from_a_project_directory_with_relative_paths(ray_cluster,
     params = MlflowClient(local_services["mlflow"]["tracking_uri"]).get_run(summary["mlflow_run_id"]).data.params
     train = params["data.train"]  # the submitted shards, in Ray's copy of the project
     assert "_ray_pkg_" in train and train.endswith("/shards/toy") and os.path.isabs(train), train
-
-
-def test_spot_reclaim_notice_checkpoints_at_once_and_the_run_resumes_from_it(ray_cluster, local_services, toy_shards,
-                                                                            make_config, tmp_path, monkeypatch):
-    """A spot reclaim as Ray sees one: the worker (2 CPUs) trains on a second node, "spot" (the head's 2 CPUs are
-    held meanwhile), which is drained for preemption with a deadline (`ray drain-node --reason
-    DRAIN_NODE_REASON_PREEMPTION`, the GCS call that turns a reclaim notice into Ray's). The worker writes one
-    checkpoint at its next log step (there is no periodic checkpoint before the last step: one elsewhere can only be
-    the just-in-time one) and trains on until the deadline, when Ray Train stops it and the spot node dies; the run
-    resumes from that checkpoint on the head, freed meanwhile, and finishes in its one MLflow run. With
-    train.max_failures 0: Ray counts the restart as a preemption (FailureConfig.max_preemption_failures)."""
-    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")  # Ray Train hands both to its controller
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # (defaults 5 s and 2 s)
-    steps, log_every = 800, 10
-    run_name = f"spot-{os.getpid()}"
-    storage = tmp_path / "storage"
-    config = make_config(toy_shards, tmp_path / "run",
-                         train={"steps": steps, "batch_size": 16, "workers": 1, "cpus_per_worker": 2,
-                                "log_every": log_every, "checkpoint_every": steps, "keep_checkpoints": 0,
-                                "max_failures": 0},
-                         run={"storage": str(storage), "name": run_name},
-                         tracking={"kind": "mlflow", "uri": local_services["mlflow"]["tracking_uri"],
-                                   "experiment": run_name, "system_metrics": False})
-    client = MlflowClient(config.tracking.uri)
-    result = {}
-
-    def train():
-        result["summary"] = run(config)
-
-    head_held = ray.remote(num_cpus=2)(threading.Event).remote()  # on the head, the only node yet
-    ray.get(head_held.is_set.remote())
-    with client_env(local_services), ray_node(ray_cluster, local_services, num_cpus=2) as spot:
-        trainer = threading.Thread(target=train, daemon=True)
-        trainer.start()
-        while trainer.is_alive() and len(history := logged_steps(client, run_name)) < 4:
-            time.sleep(0.1)
-        on_spot = [p for p in spot["raylet"].children(recursive=True)
-                   if "RayTrainWorker" in " ".join(p.cmdline()) + p.name()]
-        assert len(on_spot) == 1 and not ray_workers(ray_cluster)  # the worker is on the spot node
-        # The notice's deadline at 25% of the time the run still needs (at its speed so far, the first log step
-        # left out; a run speeds up after its first steps): the worker trains on until it, as on a reclaimed node.
-        rate = (history[-1].value - history[1].value) / (history[-1].timestamp - history[1].timestamp) * 1000
-        notice_s = max(3, int(0.25 * (steps - history[-1].value) / rate))
-        sent = time.time()  # the notice's deadline is notice_s after a moment between this and its return
-        drain = subprocess.run(
-            ["scmlab", "services", "run", "--home", str(local_services["home"]), "--", "ray", "drain-node",
-             "--address", ray_cluster["address"], "--node-id", spot["node_id"], "--reason",
-             "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim",
-             "--deadline-remaining-seconds", str(notice_s)], capture_output=True, text=True, timeout=60)
-        assert drain.returncode == 0, drain.stdout + drain.stderr
-        noticed = logged_steps(client, run_name)[-1].value
-        ray.kill(head_held)  # room for the restarted worker (an autoscaler would bring a node)
-        on_spot[0].wait(timeout=notice_s + 60)  # Ray Train stops the worker at the deadline
-        stopped = time.time()
-        spot["raylet"].kill()  # the reclaim
-        trainer.join(timeout=600)
-    assert not trainer.is_alive(), "the run did not complete on the head"
-    assert stopped >= sent + notice_s, (rate, notice_s, stopped - sent)  # it trained on until the deadline
-    saved = sorted(int(p.name.removeprefix("step-")) for p in (storage / run_name).glob("step-*"))
-    assert len(saved) == 2 and saved[1] == steps, saved  # one checkpoint before the end: the just-in-time one
-    jit = saved[0]
-    assert jit % steps and jit % log_every == 0 and jit > noticed, (jit, noticed)
-    summary = result["summary"]
-    final = checkpoint.load(summary["checkpoint"])
-    assert summary["step"] == final["step"] == steps
-    assert all(s["step"] == steps for s in final["optimizer"]["state"].values())  # every step applied once
-    runs = client.search_runs([client.get_experiment_by_name(run_name).experiment_id])
-    assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]] and runs[0].info.status == "FINISHED"
-    resumed = client.get_metric_history(summary["mlflow_run_id"], "train/resumed_from")
-    assert [m.value for m in resumed] == [jit]  # resumed once, from the just-in-time checkpoint
-    logged = sorted({m.step for m in client.get_metric_history(summary["mlflow_run_id"], "train/step")})
-    assert logged == list(range(log_every, steps + 1, log_every))
