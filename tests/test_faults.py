@@ -1,6 +1,6 @@
 """Faults on real services: the MLflow server killed mid-run (and back 20 s later, or never), a whole Ray node lost,
-a sweep driver SIGKILLed mid-trial, a job submitted from another directory with relative paths. Each run either completes or stops with one clear message, and nothing already
-written is lost."""
+a sweep driver SIGKILLed mid-trial, a job submitted from another directory with relative paths. Each run either
+completes or stops with one clear message, and nothing already written is lost."""
 
 import contextlib
 import json
