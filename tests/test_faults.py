@@ -15,7 +15,6 @@ import time
 
 import psutil
 import pytest
-import ray
 import yaml
 from conftest import RAY_SECRET, _free_port, _kill_group, client_env, ray_workers
 from mlflow import MlflowClient
@@ -178,7 +177,7 @@ def test_killed_sweep_driver_reruns_only_the_cut_and_crashed_trials(ray_cluster,
 def ray_node(ray_cluster, local_services, num_cpus: int):
     """A second node of the session's Ray on this machine (`ray start --address`, as on the cluster's other
     machines: through `scmlab services run`, free ports, a temp dir of its own), stopped (its process group) after.
-    Yields {"temp_dir", "raylet": psutil.Process, "node_id": hex}."""
+    Yields {"temp_dir", "raylet": psutil.Process}."""
     temp_dir = tempfile.mkdtemp(prefix="scmlab-node-", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
     ports = {name: _free_port() for name in ("node-manager-port", "object-manager-port", "metrics-export-port",
                                              "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
@@ -194,9 +193,7 @@ def ray_node(ray_cluster, local_services, num_cpus: int):
         assert node.returncode == 0, out
         raylet = next(p for p in psutil.process_iter(["name", "cmdline"])
                       if p.info["name"] == "raylet" and any(temp_dir in a for a in p.info["cmdline"] or []))
-        node_id = next(n["NodeID"] for n in ray.nodes()
-                       if n["Alive"] and n["NodeManagerPort"] == ports["node-manager-port"])
-        yield {"temp_dir": temp_dir, "raylet": raylet, "node_id": node_id}
+        yield {"temp_dir": temp_dir, "raylet": raylet}
     finally:
         _kill_group(node.pid)
         shutil.rmtree(temp_dir, ignore_errors=True)

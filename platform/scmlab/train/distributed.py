@@ -7,9 +7,10 @@ storage `run.storage`/`run.name` (a shared directory or s3://, through a pyarrow
 endpoint settings), `CheckpointConfig(num_to_keep=train.keep_checkpoints)` and `failure_config`. Each worker runs
 `scmlab.train.loop.train` with `RayCheckpoints`: rank 0 writes the checkpoint, every rank calls `ray.train.report`
 at the same steps (it is a barrier), and a restarted worker group resumes from `ray.train.get_checkpoint()` (also a
-driver restarted with the same storage and name). The fused sCM step (objective.jvp=fused) is one call through the DDP wrapper, its tangent
-outside the graph; with a separate JVP pass (autograd, fd) the JVP runs on the module inside the wrapper
-(scmlab.objectives), so forward-mode AD never meets DDP's hooks; theta^- is a stop-gradient, which makes that exact.
+driver restarted with the same storage and name). The fused sCM step (objective.jvp=fused) is one call through the
+DDP wrapper, its tangent outside the graph; with a separate JVP pass (autograd, fd) the JVP runs on the module
+inside the wrapper (scmlab.objectives), so forward-mode AD never meets DDP's hooks; theta^- is a stop-gradient, which
+makes that exact.
 Under FSDP2 (scmlab.train.parallel) both run through fully_shard's hooks, which gather each block's weights.
 
 A run whose loss keeps diverging, or whose data or config the workers cannot use, is not retried (it would fail the
@@ -291,12 +292,13 @@ def checkpoint_config(config: Config):
 
 def failure_config(config: Config):
     """Restarts: train.max_failures for failures, and no limit for preemptions, which Ray 2.60 counts apart
-    (`FailureConfig.max_preemption_failures`). A node drained for preemption (the autoscaler's spot reclaim notice,
-    `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`) reaches the workers through `get_preemption_info`: they
-    write a checkpoint at the next log step (`RayCheckpoints.preempted`) and go on training until the notice's
-    deadline, when Ray Train stops them and restarts the group, from that checkpoint, on other nodes; a node that dies
-    after its deadline counts as preempted too. A reclaim is not the run's fault and loses only the steps between its
-    notice and its deadline, so none is refused. A node lost before its deadline or without notice counts as a failure."""
+    (`FailureConfig.max_preemption_failures`). A node drained for preemption (`ray drain-node --reason
+    DRAIN_NODE_REASON_PREEMPTION` or the GCS call behind it; no Ray 2.60 autoscaler makes it for AWS spot, see the
+    README's "Spot") reaches the workers through `get_preemption_info`: they write a checkpoint at the next log step
+    (`RayCheckpoints.preempted`) and go on training until the notice's deadline, when Ray Train stops them and
+    restarts the group, from that checkpoint, on other nodes; a node that dies after its deadline counts as preempted
+    too. A reclaim is not the run's fault and loses only the steps between its notice and its deadline, so none is
+    refused. A node lost before its deadline or without notice counts as a failure."""
     from ray.train import FailureConfig
 
     return FailureConfig(max_failures=config.train.max_failures, max_preemption_failures=-1)

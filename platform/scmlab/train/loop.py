@@ -166,9 +166,10 @@ def train(config: Config, *, rank: int = 0, world_size: int = 1, wrap=None, prog
     # Wrapped before the optimizer is built: FSDP2 replaces the parameters by their shards (a checkpoint holds whole
     # tensors, loaded above into the whole network).
     model = wrap(net) if wrap is not None else net
+    sharded = parallel.is_sharded(net)
     optimizer = build_optimizer(config, net.parameters(), device)
     if resumed:
-        if parallel.is_sharded(net):
+        if sharded:
             parallel.load_optimizer(net, optimizer, resumed["optimizer"])
         else:
             optimizer.load_state_dict(resumed["optimizer"])
@@ -186,7 +187,7 @@ def train(config: Config, *, rank: int = 0, world_size: int = 1, wrap=None, prog
                      "batch %d%s", config.objective.kind, config.model.arch, config.model.size,
                      sum(p.numel() for p in net.parameters()) / 1e6, manifest["kind"], manifest["shape"],
                      manifest.get("num_classes", 0), device, amp, world_size, local_batch,
-                     ", weights sharded (FSDP2)" if parallel.is_sharded(net) else "")
+                     ", weights sharded (FSDP2)" if sharded else "")
             run.log_params(config.to_dict())
             run.set_tags({"scmlab.kind": config.objective.kind, "scmlab.data": config.data.train,
                           "scmlab.workers": str(world_size), "scmlab.device": str(device)})

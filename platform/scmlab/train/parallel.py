@@ -20,18 +20,10 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from ..config import PARALLEL
-
 
 def wrapper(kind: str):
-    """The loop's `wrap` for train.parallel `kind` (a network -> the module the steps call)."""
-    if kind == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel
-    if kind == "fsdp":
-        return shard
-    raise ValueError(f"train.parallel: {kind!r} is not one of {', '.join(PARALLEL)}")
+    """The loop's `wrap` for train.parallel `kind` (checked by the config): a network -> the module the steps call."""
+    return torch.nn.parallel.DistributedDataParallel if kind == "ddp" else shard
 
 
 def shard(net: nn.Module) -> nn.Module:
