@@ -146,6 +146,43 @@ def ray_workers(ray_cluster) -> list[psutil.Process]:
     return found
 
 
+def logged_steps(client, experiment: str, key: str = "train/step") -> list:
+    """The metric history of `key` in the (one) run of `experiment` (MlflowClient `client`), [] while there is none."""
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    return client.get_metric_history(runs[0].info.run_id, key) if runs else []
+
+
+@contextlib.contextmanager
+def ray_node(ray_cluster, local_services, num_cpus: int):
+    """A second node of the session's Ray on this machine (`ray start --address`, as on the cluster's other
+    machines: through `scmlab services run`, free ports, a temp dir of its own), stopped (its process group) after.
+    Yields {"temp_dir", "raylet": psutil.Process, "node_id": hex}."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="scmlab-node-", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
+    ports = {name: _free_port() for name in ("node-manager-port", "object-manager-port", "metrics-export-port",
+                                             "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                             "runtime-env-agent-port")}
+    env = {**os.environ, RAY_SECRET[0]: RAY_SECRET[1], "RAY_USAGE_STATS_ENABLED": "0",
+           "HOME": str(ray_cluster["home"])}
+    node = subprocess.Popen(["scmlab", "services", "run", "--home", str(local_services["home"]), "--", "ray", "start",
+                             f"--address={ray_cluster['address']}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
+                             *(f"--{name}={value}" for name, value in ports.items())],
+                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = node.communicate(timeout=180)[0].decode(errors="replace")
+    try:
+        assert node.returncode == 0, out
+        raylet = next(p for p in psutil.process_iter(["name", "cmdline"])
+                      if p.info["name"] == "raylet" and any(temp_dir in a for a in p.info["cmdline"] or []))
+        node_id = next(n["NodeID"] for n in ray.nodes()
+                       if n["Alive"] and n["NodeManagerPort"] == ports["node-manager-port"])
+        yield {"temp_dir": temp_dir, "raylet": raylet, "node_id": node_id}
+    finally:
+        _kill_group(node.pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,8 +2,12 @@
 node types rather than the GPUs up at submit time, S3's region from the SDK's chain, and train.workers that no node
 set can ever hold refused at once (issue 13 item 8)."""
 
+import contextlib
+import os
 import re
 import shlex
+import signal
+import subprocess
 import time
 from types import SimpleNamespace
 from pathlib import Path
@@ -59,12 +63,47 @@ def test_cluster_yaml_is_secure_persistent_and_spot_ready():
     types = CLUSTER["available_node_types"]
     assert all(t.get("min_workers", 0) == 0 for name, t in types.items() if name != CLUSTER["head_node_type"])
     assert any(t["node_config"].get("InstanceMarketOptions") == {"MarketType": "spot"} for t in types.values())
+    # Every worker runs the spot watcher after its raylet, with Ray's token and the head's GCS (on-demand nodes: it
+    # exits at once); it turns AWS's notice into a drain for preemption (tests/test_spot.py).
+    watch = next(c for c in CLUSTER["worker_start_ray_commands"] if "spot-watch" in c)
+    assert workers.index("ray start") < workers.index("spot-watch")
+    assert "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$HOME/.scmlab/ray_auth_token" in watch
+    assert "scmlab services spot-watch --address $RAY_HEAD_IP:6379" in watch
     # Every placeholder is listed in the README's cluster section.
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Clusters on AWS"):]
     section = section[:section.index("\n## ", 1)]
     placeholders = set(re.findall(r"REPLACE[\w-]*|SCMLAB_(?:REPO|COMMIT|BUCKET)|123456789012", text))
     assert placeholders and {p for p in placeholders if p not in section} == set()
+
+
+def test_daemons_start_once_per_node(tmp_path):
+    """The start commands that launch a daemon (MLflow's store saver on the head, the spot watcher on workers) run
+    it under `flock -n` on a lock file, so a re-run of `ray up` starts no second one (`pgrep -f` would not do: Ray
+    runs each command in `bash -c COMMAND`, whose own command line holds the daemon's). Each command, run twice
+    as Ray runs it, with a stand-in `scmlab` on PATH: one daemon, given the command's arguments."""
+    bin_dir, home = tmp_path / "bin", tmp_path / "home"
+    bin_dir.mkdir()
+    (home / "mlflow").mkdir(parents=True)
+    (home / ".scmlab").mkdir()
+    stand_in = bin_dir / "scmlab"
+    stand_in.write_text('#!/bin/sh\necho $$ >> "$HOME/pids"\necho "$*" >> "$HOME/started"\nexec sleep 60\n')
+    stand_in.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "RAY_HEAD_IP": "10.0.0.2", "SCMLAB_BUCKET": "b"}
+    daemons = [c for c in CLUSTER["head_start_ray_commands"] + CLUSTER["worker_start_ray_commands"]
+               if "nohup flock -n" in c]
+    try:
+        for command in daemons * 2:
+            subprocess.run(["bash", "-c", command], env=env, check=True, timeout=30)
+        time.sleep(1.0)
+        started = sorted((home / "started").read_text().splitlines())
+    finally:
+        for pid in (home / "pids").read_text().split() if (home / "pids").exists() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGTERM)  # the daemon; its flock ends with it
+    assert started == ["services spot-watch --address 10.0.0.2:6379",
+                       f"services store save --every 300 --db {home}/mlflow/mlflow.db "
+                       "--url s3://b/mlflow-store/mlflow.db"]
 
 
 def test_decisions_come_from_the_configured_node_types_not_the_nodes_up(make_config, toy_shards, tmp_path):

@@ -2,21 +2,19 @@
 a sweep driver SIGKILLed mid-trial, a job submitted from another directory with relative paths. Each run either
 completes or stops with one clear message, and nothing already written is lost."""
 
-import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 import psutil
 import pytest
 import yaml
-from conftest import RAY_SECRET, _free_port, _kill_group, client_env, ray_workers
+from conftest import client_env, logged_steps, ray_node, ray_workers
 from mlflow import MlflowClient
 
 from scmlab import services
@@ -25,13 +23,6 @@ from scmlab.train.driver import run
 from scmlab.tune.scaling import read_results
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def logged_steps(client: MlflowClient, experiment: str, key: str = "train/step") -> list:
-    """The metric history of `key` in the (one) run of `experiment`, [] while there is none."""
-    found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id]) if found else []
-    return client.get_metric_history(runs[0].info.run_id, key) if runs else []
 
 
 def kill_mlflow_at(home, experiment: str, step: int, events: dict, restart_after: float | None) -> threading.Thread:
@@ -171,32 +162,6 @@ def test_killed_sweep_driver_reruns_only_the_cut_and_crashed_trials(ray_cluster,
         logged = sorted({m.step for m in client.get_metric_history(children[name], "train/step")})
         assert logged == list(range(log_every, steps + 1, log_every)), name  # one continuous step axis
     assert client.get_metric_history(children[cut], "train/resumed_from")[0].value >= 2 * every
-
-
-@contextlib.contextmanager
-def ray_node(ray_cluster, local_services, num_cpus: int):
-    """A second node of the session's Ray on this machine (`ray start --address`, as on the cluster's other
-    machines: through `scmlab services run`, free ports, a temp dir of its own), stopped (its process group) after.
-    Yields {"temp_dir", "raylet": psutil.Process}."""
-    temp_dir = tempfile.mkdtemp(prefix="scmlab-node-", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
-    ports = {name: _free_port() for name in ("node-manager-port", "object-manager-port", "metrics-export-port",
-                                             "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                             "runtime-env-agent-port")}
-    env = {**os.environ, RAY_SECRET[0]: RAY_SECRET[1], "RAY_USAGE_STATS_ENABLED": "0",
-           "HOME": str(ray_cluster["home"])}
-    node = subprocess.Popen(["scmlab", "services", "run", "--home", str(local_services["home"]), "--", "ray", "start",
-                             f"--address={ray_cluster['address']}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
-                             *(f"--{name}={value}" for name, value in ports.items())],
-                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = node.communicate(timeout=180)[0].decode(errors="replace")
-    try:
-        assert node.returncode == 0, out
-        raylet = next(p for p in psutil.process_iter(["name", "cmdline"])
-                      if p.info["name"] == "raylet" and any(temp_dir in a for a in p.info["cmdline"] or []))
-        yield {"temp_dir": temp_dir, "raylet": raylet}
-    finally:
-        _kill_group(node.pid)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_node_lost_mid_run_completes_from_the_last_checkpoint(ray_cluster, local_services, toy_shards, make_config,

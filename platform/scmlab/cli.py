@@ -180,6 +180,16 @@ def parser() -> argparse.ArgumentParser:
                                        "(mode 0600) in the home; prints their paths as JSON, never their contents.")
     a.add_argument("--home", help="state directory (default: $SCMLAB_HOME or ./.scmlab)")
     a.set_defaults(func=cmd_services_secrets)
+    a = actions.add_parser("spot-watch", help="on a spot node: turn AWS's interruption notice into a Ray drain",
+                           description="Poll the instance metadata's spot/instance-action and, at a notice, drain this "
+                                       "node's raylet for preemption with the notice's time as deadline, so training "
+                                       "checkpoints before the reclaim (scmlab.spot). Exits at once on an instance "
+                                       "that is not spot.")
+    a.add_argument("--address", required=True, help="the Ray GCS address, HEAD_IP:6379")
+    a.add_argument("--node-id", help="the Ray node to drain (default: the one alive at this machine's address)")
+    a.add_argument("--metadata", default="http://169.254.169.254", help="the instance metadata service's URL")
+    a.add_argument("--every", type=float, default=5.0, help="seconds between polls (AWS advises 5)")
+    a.set_defaults(func=cmd_services_spot_watch)
 
     s = sub.add_parser("storage", help="start, stop or show the local object store alone",
                        description="The embedded SeaweedFS S3 server on 127.0.0.1, without MLflow.")
@@ -391,6 +401,14 @@ def cmd_services_store(args) -> int:
         mlflow_store.keep(args.db, args.url, s3.client(), args.every)
     else:
         mlflow_store.snapshot(args.db, args.url, s3.client())
+    return 0
+
+
+def cmd_services_spot_watch(args) -> int:
+    from . import spot
+
+    outcome = spot.watch(args.address, spot.Metadata(args.metadata), args.node_id, args.every)
+    sys.stdout.write(outcome + "\n")
     return 0
 
 
