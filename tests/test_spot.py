@@ -28,6 +28,7 @@ class FakeMetadata(ThreadingHTTPServer):
     def __init__(self, lifecycle: str = "spot"):
         super().__init__(("127.0.0.1", 0), Handler)
         self.values, self.generation, self.requests = {"instance-life-cycle": lifecycle}, 0, []
+        self.failures = 0  # this many next GETs answer 500, as a service that is briefly down
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
     def expire(self):
@@ -47,7 +48,10 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         path = self.path.removeprefix("/latest/meta-data/")
         self.server.requests.append(("GET", path, self.headers.get("X-aws-ec2-metadata-token")))
-        if self.headers.get("X-aws-ec2-metadata-token") != f"token-{self.server.generation}":
+        if self.server.failures > 0:
+            self.server.failures -= 1
+            self._answer(500, "")
+        elif self.headers.get("X-aws-ec2-metadata-token") != f"token-{self.server.generation}":
             self._answer(401, "")
         else:
             value = self.server.values.get(path)
@@ -162,9 +166,11 @@ def test_spot_reclaim_notice_checkpoints_at_once_and_the_run_resumes_from_it(ray
         rate = (history[-1].value - history[1].value) / (history[-1].timestamp - history[1].timestamp) * 1000
         noticed = history[-1].value  # logged before the notice: the checkpoint comes after it
         deadline = float(int(time.time() + max(3.0, 0.25 * (steps - noticed) / rate)) + 1)  # whole seconds
+        metadata.failures = 2  # the service fails twice just before the notice: the watcher asks again
         metadata.announce(deadline)
         out = watcher.communicate(timeout=60)[0]
         assert watcher.returncode == 0 and out.strip().endswith("drained"), out
+        assert out.count("HTTP Error 500") == 2 and f"node {node['node_id']} drained for preemption" in out, out
         assert time.time() < deadline, "the drain came after the deadline"
         ray.kill(head_held)  # room for the restarted worker (an autoscaler would bring a node)
         on_spot[0].wait(timeout=deadline - time.time() + 60)  # Ray Train stops the worker at the deadline

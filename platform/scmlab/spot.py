@@ -17,7 +17,7 @@ import logging
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime
+from datetime import datetime, timezone
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,8 @@ def drain(gcs, node_id: str, deadline: float, message: str) -> None:
 def watch(address: str, metadata: Metadata | None = None, node_id: str | None = None, every: float = 5.0) -> str:
     """Poll the spot notice every `every` seconds (AWS's advice: 5) until one comes, then drain this node (or
     `node_id`) with the notice's time as deadline. Returns "drained", or "not spot" at once on an instance that AWS
-    never reclaims (on-demand), so every node type may start the watcher. GCS errors are retried at the next poll
-    while the notice's time has not passed."""
+    never reclaims (on-demand), so every node type may start the watcher. A metadata error in the loop, and a GCS
+    error while the notice's time has not passed, are retried at the next poll."""
     import ray
     from ray._raylet import GcsClient
 
@@ -104,12 +104,16 @@ def watch(address: str, metadata: Metadata | None = None, node_id: str | None = 
     gcs = GcsClient(address=address)
     log.info("watching %s/latest/meta-data/spot/instance-action every %g s", metadata.url, every)
     while True:
-        pending = notice(metadata)
+        try:
+            pending = notice(metadata)
+        except (OSError, ValueError) as e:  # the service down a moment, or an answer not understood: ask again
+            log.warning("%s; asking again in %g s", e, every)
+            pending = None
         if pending is not None:
             action, deadline = pending
             try:
                 node = node_id or node_here(gcs, ray.util.get_node_ip_address())
-                drain(gcs, node, deadline, f"spot {action} at {datetime.fromtimestamp(deadline).isoformat()}")
+                drain(gcs, node, deadline, f"spot {action} at {datetime.fromtimestamp(deadline, timezone.utc)}")
                 log.warning("spot %s in %.0f s: node %s drained for preemption", action, deadline - time.time(),
                             node)
                 return "drained"
