@@ -17,6 +17,12 @@ import pytest
 from scmlab import data, services
 from scmlab.config import Config
 
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s), and a worker's
+# `ray.train.report` waits for the poll that takes the previous report: a test's runs, which checkpoint every few
+# tenths of a second, spent most of their time there (a 400-step run with 8 checkpoints: 27 s at 2 s, 12 s at 0.2 s).
+# Every Ray process of the tests (drivers, the session's head, local clusters) inherits this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
 
 @pytest.fixture(scope="session")
 def toy_shards(tmp_path_factory) -> str:
@@ -112,7 +118,7 @@ def ray_cluster(local_services, tmp_path_factory):
                                              "dashboard-agent-grpc-port", "metrics-export-port",
                                              "runtime-env-agent-port", "ray-client-server-port")}
     env = {**os.environ, RAY_SECRET[0]: RAY_SECRET[1], "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(home),
-           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # system metrics within a short test run
+           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"}  # system metrics within a short test run
     head = subprocess.Popen(["scmlab", "services", "run", "--home", str(local_services["home"]), "--",
                              "ray", "start", "--head", f"--temp-dir={temp_dir}", "--num-cpus=2",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
