@@ -97,9 +97,12 @@ def test_notice_is_read_with_a_session_token_renewed_when_it_expires():
             spot.notice(metadata)
 
 
-def test_an_on_demand_instance_is_not_watched():
+def test_an_on_demand_instance_is_not_watched_and_no_metadata_service_is_named():
     with fake_metadata("on-demand") as server:  # and no Ray at the address: it is never reached
         assert spot.watch("127.0.0.1:1", spot.Metadata(server.url), every=0.1) == "not spot"
+        gone = server.url
+    with pytest.raises(OSError, match=f"instance metadata {gone}/latest/meta-data/instance-life-cycle: .*refused"):
+        spot.watch("127.0.0.1:1", spot.Metadata(gone))
 
 
 @pytest.mark.ray
@@ -170,7 +173,8 @@ def test_spot_reclaim_notice_checkpoints_at_once_and_the_run_resumes_from_it(ray
         metadata.announce(deadline)
         out = watcher.communicate(timeout=60)[0]
         assert watcher.returncode == 0 and out.strip().endswith("drained"), out
-        assert out.count("HTTP Error 500") == 2 and f"node {node['node_id']} drained for preemption" in out, out
+        failed = f"instance metadata {metadata.url}/latest/meta-data/spot/instance-action: HTTP 500"
+        assert out.count(failed) == 2 and f"node {node['node_id']} drained for preemption" in out, out
         assert time.time() < deadline, "the drain came after the deadline"
         ray.kill(head_held)  # room for the restarted worker (an autoscaler would bring a node)
         on_spot[0].wait(timeout=deadline - time.time() + 60)  # Ray Train stops the worker at the deadline

@@ -39,19 +39,21 @@ class Metadata:
             return response.read().decode()
 
     def get(self, path: str) -> str | None:
+        url = f"{self.url}/latest/meta-data/{path}"
         for attempt in range(2):  # a token that expired (401) is renewed once
-            self._token = self._token or self._token_now()
-            request = urllib.request.Request(f"{self.url}/latest/meta-data/{path}",
-                                             headers={"X-aws-ec2-metadata-token": self._token})
             try:
+                self._token = self._token or self._token_now()
+                request = urllib.request.Request(url, headers={"X-aws-ec2-metadata-token": self._token})
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return response.read().decode()
             except urllib.error.HTTPError as e:
                 if e.code == 404:
                     return None
                 if e.code != 401 or attempt:
-                    raise
+                    raise OSError(f"instance metadata {url}: HTTP {e.code} {e.reason}") from e
                 self._token = None
+            except urllib.error.URLError as e:
+                raise OSError(f"instance metadata {url}: {e.reason}") from e
 
 
 def notice(metadata: Metadata) -> tuple[str, float] | None:
