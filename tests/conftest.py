@@ -136,11 +136,11 @@ def ray_cluster(local_services, tmp_path_factory):
         _kill_group(head.pid)
 
 
-def ray_workers(ray_cluster) -> list[psutil.Process]:
-    """The Ray Train worker processes of the session's Ray (its processes carry its temp dir in no argument, but they
-    descend from its raylet, which does)."""
+def ray_workers(ray) -> list[psutil.Process]:
+    """The Ray Train worker processes of the session's Ray (`ray_cluster`) or of one node (`ray_node`): they carry its
+    temp dir in no argument, but they descend from its raylet, which does."""
     raylets = [p for p in psutil.process_iter(["name", "cmdline"])
-               if p.info["name"] == "raylet" and any(ray_cluster["temp_dir"] in a for a in p.info["cmdline"] or [])]
+               if p.info["name"] == "raylet" and any(ray["temp_dir"] in a for a in p.info["cmdline"] or [])]
     found = []
     for raylet in raylets:
         for child in raylet.children(recursive=True):

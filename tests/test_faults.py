@@ -198,8 +198,7 @@ def test_node_lost_mid_run_completes_from_the_last_checkpoint(ray_cluster, local
         while trainer.is_alive() and time.monotonic() < deadline and not killed:
             done = registered_steps()
             if 2 * every in done:
-                on_node = [p for p in node["raylet"].children(recursive=True)
-                           if "RayTrainWorker" in " ".join(p.cmdline()) + p.name()]
+                on_node = ray_workers(node)
                 assert len(on_node) == 1 and len(ray_workers(ray_cluster)) == 1  # one worker on each node
                 node["raylet"].kill()  # SIGKILL: the node is lost with its worker
                 killed.update(registered=max(done), worker=on_node[0])

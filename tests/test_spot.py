@@ -161,8 +161,7 @@ def test_spot_reclaim_notice_checkpoints_at_once_and_the_run_resumes_from_it(ray
         trainer.start()
         while trainer.is_alive() and len(history := logged_steps(client, run_name)) < 4:
             time.sleep(0.1)
-        on_spot = [p for p in node["raylet"].children(recursive=True)
-                   if "RayTrainWorker" in " ".join(p.cmdline()) + p.name()]
+        on_spot = ray_workers(node)
         assert len(on_spot) == 1 and not ray_workers(ray_cluster)  # the worker is on the spot node
         # The notice's deadline at 25% of the time the run still needs (at its speed so far, the first log step
         # left out; a run speeds up after its first steps): the worker trains on until it, as on a reclaimed node.

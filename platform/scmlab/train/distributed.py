@@ -292,12 +292,11 @@ def checkpoint_config(config: Config):
 
 def failure_config(config: Config):
     """Restarts: train.max_failures for failures, and no limit for preemptions, which Ray 2.60 counts apart
-    (`FailureConfig.max_preemption_failures`). A node drained for preemption (`ray drain-node --reason
-    DRAIN_NODE_REASON_PREEMPTION` or the GCS call behind it; no Ray 2.60 autoscaler makes it for AWS spot, see the
-    README's "Spot") reaches the workers through `get_preemption_info`: they write a checkpoint at the next log step
-    (`RayCheckpoints.preempted`) and go on training until the notice's deadline, when Ray Train stops them and
-    restarts the group, from that checkpoint, on other nodes; a node that dies after its deadline counts as preempted
-    too. A reclaim is not the run's fault and loses only the steps between its notice and its deadline, so none is
+    (`FailureConfig.max_preemption_failures`). A node drained for preemption (the GCS call behind `ray drain-node
+    --reason DRAIN_NODE_REASON_PREEMPTION`, which scmlab.spot makes on an AWS spot notice) reaches the workers
+    through `get_preemption_info`: they write a checkpoint at the next log step (`RayCheckpoints.preempted`) and go
+    on training until the notice's deadline, when Ray Train stops them and restarts the group, from that checkpoint,
+    on other nodes; a node that dies after its deadline counts as preempted too. A reclaim is not the run's fault and loses only the steps between its notice and its deadline, so none is
     refused. A node lost before its deadline or without notice counts as a failure."""
     from ray.train import FailureConfig
 
